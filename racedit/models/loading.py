@@ -1,0 +1,203 @@
+"""Building models from the zoo, saving them, and loading every checkpoint format we know.
+
+Formats ``load_model`` reads:
+- a racedit model directory (``config.json`` + ``model.safetensors``, written by ``save_pretrained``);
+- a racedit training checkpoint directory (it holds an ``ema/`` or ``model/`` model directory);
+- an official facebookresearch/DiT ``.pt`` file (``DiT-XL-2-256x256.pt``, ``DiT-XL-2-512x512.pt``, or a
+  ``train.py`` checkpoint with ``model``/``ema`` entries), or a bare state dict in ``.safetensors``.
+Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from racedit.config.core import to_dict
+from racedit.models.config import ModelConfig
+from racedit.models.dit import DiT
+from racedit.models.registry import SIZES, resolve_model_config
+
+# Keys every DiT state dict (ours and the official one) has.
+_REQUIRED_KEYS = ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
+# Modules the official layout does not have; they start at their identity init when absent.
+_OPTIONAL_PREFIXES = re.compile(r"(^stream\.|\.conn_attn\.|\.conn_mlp\.)")
+
+
+class CheckpointError(ValueError):
+    """A file is not a checkpoint we can load; the message says what was expected."""
+
+
+def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """ModelConfig -> the JSON-serialisable keyword arguments of ``DiT.__init__``."""
+    return to_dict(cfg)
+
+
+def build_model(name: str | None = None, config: ModelConfig | None = None, **overrides: Any) -> DiT:
+    """Build a randomly initialised model from a registry name (and/or a ModelConfig) plus overrides.
+
+    ``build_model("RaceDiT-B/2-2in8", input_size=8, num_classes=10, moe={"router": "token"})``
+    """
+    if config is not None:
+        if name is not None:
+            raise ValueError("pass either a registry name or a ModelConfig, not both")
+        cfg = resolve_model_config(None, **{**to_dict(config), **overrides})
+    else:
+        cfg = resolve_model_config(name, **overrides)
+    return DiT(**model_kwargs(cfg))
+
+
+def save_model(model: DiT, path: str | Path) -> Path:
+    """``save_pretrained`` into a temporary sibling directory, then an atomic rename onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> DiT:
+    """Load any supported checkpoint (see the module docstring) as a ``DiT`` in eval mode.
+
+    ``overrides`` change the architecture read from the file before the weights go in, e.g.
+    ``connection={"kind": "hc", "rate": 2}`` initialises an HC DiT from official DiT weights
+    (the connection parameters start at their identity init).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist. Official DiT weights: download DiT-XL-2-256x256.pt from "
+            "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt and pass its path"
+        )
+    if path.is_dir():
+        model = _load_directory(path, overrides)
+    else:
+        state = read_state_dict(path)
+        cfg = infer_config(state, **overrides)
+        model = DiT(**model_kwargs(cfg))
+        load_state_dict_checked(model, state, source=str(path))
+    return model.to(device).eval()
+
+
+def _load_directory(path: Path, overrides: dict[str, Any]) -> DiT:
+    for sub in ("", "ema", "model"):
+        candidate = path / sub if sub else path
+        if (candidate / "config.json").is_file():
+            if overrides:
+                import json
+
+                cfg_json = json.loads((candidate / "config.json").read_text())
+                kwargs = {k: v for k, v in cfg_json.items() if not k.startswith("_")}
+                cfg = resolve_model_config(None, **{**kwargs, **overrides})
+                model = DiT(**model_kwargs(cfg))
+                from safetensors.torch import load_file
+
+                load_state_dict_checked(model, load_file(candidate / "model.safetensors"), source=str(candidate))
+                return model
+            return DiT.from_pretrained(candidate)
+    raise CheckpointError(
+        f"{str(path)!r} is a directory without config.json (nor ema/config.json, model/config.json); "
+        "expected a racedit model directory written by save_pretrained or a training checkpoint"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from ``.safetensors`` or a torch file, without executing pickled code."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as err:
+            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {str(path)!r}: it holds pickled Python objects beyond tensors, and loading it "
+            f"would execute code ({str(err).splitlines()[0]}). Re-save the state dict alone "
+            "(torch.save(model.state_dict(), path)) or convert it to safetensors"
+        ) from None
+    except Exception as err:
+        raise CheckpointError(f"{str(path)!r} is not a torch checkpoint ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):  # facebookresearch/DiT train.py saves model, ema, opt, args
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj["ema"] if "ema" in obj else obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r} is not a DiT checkpoint: it lacks {missing}. Expected a facebookresearch/DiT state "
+            "dict (DiT-XL-2-256x256.pt), a racedit model directory, or a racedit training checkpoint"
+        )
+    return state
+
+
+def infer_config(state: dict[str, torch.Tensor], **overrides: Any) -> ModelConfig:
+    """Recover a DiT architecture from the shapes of an official-layout state dict."""
+    proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    num_tokens = state["pos_embed"].shape[1]
+    grid = int(round(num_tokens**0.5))
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    table = state["y_embedder.embedding_table.weight"].shape[0]
+    heads = next((h for d, w, h in SIZES.values() if w == hidden), max(1, hidden // 64))
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = fc1.shape[0] / hidden if fc1 is not None else 4.0
+    kwargs: dict[str, Any] = dict(
+        input_size=grid * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        num_classes=table - 1,  # DiT always trains with label dropout, so the table has a null row
+        class_dropout_prob=0.1,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+    if fc1 is None:
+        raise CheckpointError(
+            "this state dict has no dense MLP (blocks.0.mlp.fc1); MoE checkpoints are racedit model directories "
+            "with a config.json: load those by directory"
+        )
+    kwargs.update(overrides)
+    return resolve_model_config(None, **kwargs)
+
+
+def load_state_dict_checked(model: DiT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load, except parameters of connection modules the file predates (they keep identity init)."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not _OPTIONAL_PREFIXES.search(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source} does not match the model architecture: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+            f"{'...' if len(result.unexpected_keys) > 5 else ''}"
+        )
