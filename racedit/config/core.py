@@ -45,8 +45,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} matches none of "
-                          f"{_type_name(tp)}")
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"config key '{key}': {value!r} matches none of {_type_name(tp)}"
+        )
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -189,5 +192,3 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def dump_yaml(obj: Any, path: str | Path) -> None:
     with Path(path).open("w") as fh:
         yaml.safe_dump(to_dict(obj), fh, sort_keys=False)
-
-

@@ -28,7 +28,9 @@ def _variant(cfg: ConnectionConfig):
     try:
         return VARIANTS[cfg.kind]
     except KeyError:
-        raise ValueError(f"connection kind {cfg.kind!r} is not implemented; known: {sorted(VARIANTS)}") from None
+        raise ValueError(
+            f"connection kind {cfg.kind!r} is not implemented; known: {sorted(VARIANTS)}"
+        ) from None
 
 
 VARIANTS: dict = {}  # kind -> module-like object with build_stream / build_connection (see hyper.py)

@@ -64,9 +64,7 @@ def plan_from_mask(mask: Tensor, gates: Tensor) -> RoutePlan:
     )
 
 
-def expert_ffn(
-    x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
-) -> Tensor:
+def expert_ffn(x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """``out[t] = sum_e gate[t,e] * (GELU_tanh(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e])`` over selected pairs.
 
     x (T, D); w1 (E, D, H); b1 (E, H); w2 (E, H, D); b2 (E, D) -> (T, D). A per-expert loop over the

@@ -51,7 +51,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
-            raise ValueError(f"input {tuple(x.shape)} is not divisible into {self.patch_size}x{self.patch_size} patches")
+            raise ValueError(
+                f"input {tuple(x.shape)} is not divisible into {self.patch_size}x{self.patch_size} patches"
+            )
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -67,7 +69,9 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
         """t (B,) possibly fractional -> (B, dim); the first half cos, the second half sin."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -138,7 +142,9 @@ class DiTBlock(nn.Module):
         self.conn_attn, self.conn_mlp = connections
 
     def forward(self, state: Tensor, c: Tensor, aux: ForwardAux | None = None) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
 
         def attn_branch(h: Tensor) -> Tensor:
             return gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))
@@ -240,7 +246,10 @@ class DiT(ModelMixin, ConfigMixin):
         if arch.moe is not None and arch.moe.is_moe_block(layer_index):
             from racedit.moe import MoEFeedForward
 
-            return MoEFeedForward(arch.hidden_size, arch.mlp_hidden, arch.moe, layer_index)
+            target_dim = (
+                arch.patch_size * arch.patch_size * arch.in_channels
+            )  # PLR predicts the target per token
+            return MoEFeedForward(arch.hidden_size, arch.mlp_hidden, arch.moe, layer_index, target_dim)
         return Mlp(arch.hidden_size, arch.mlp_hidden)
 
     # ----------------------------------------------------------------------------- init
@@ -256,7 +265,9 @@ class DiT(ModelMixin, ConfigMixin):
 
         self.apply(_basic_init)
         grid = int(self.arch.num_tokens**0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.arch.hidden_size, grid)).float()[None])
+        self.pos_embed.data.copy_(
+            torch.from_numpy(get_2d_sincos_pos_embed(self.arch.hidden_size, grid)).float()[None]
+        )
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -316,9 +327,11 @@ class DiT(ModelMixin, ConfigMixin):
         L, D, p = self.arch.num_tokens, self.arch.hidden_size, self.arch.patch_size
         per_sample = (
             L * self.arch.in_channels * p * p * D  # patch embedding
-            + 256 * D + D * D  # timestep MLP
+            + 256 * D
+            + D * D  # timestep MLP
             + sum(block.flops(L) for block in self.blocks)
-            + 2 * D * D + L * D * p * p * self.arch.out_channels  # final layer
+            + 2 * D * D
+            + L * D * p * p * self.arch.out_channels  # final layer
         )
         return batch_size * per_sample
 
@@ -327,7 +340,9 @@ class DiT(ModelMixin, ConfigMixin):
         total = sum(p.numel() for p in self.parameters())
         block_total = sum(p.numel() for p in self.blocks.parameters())
         inactive = sum(m.inactive_params() for m in self.modules() if isinstance(m, FeedForward))
-        training_only = sum(m.training_only_params() for m in self.modules() if hasattr(m, "training_only_params"))
+        training_only = sum(
+            m.training_only_params() for m in self.modules() if hasattr(m, "training_only_params")
+        )
         return {
             "params_total": total,
             "block_params_total": block_total - training_only,

@@ -27,7 +27,12 @@ from racedit.models.dit import DiT
 from racedit.models.registry import SIZES, resolve_model_config
 
 # Keys every DiT state dict (ours and the official one) has.
-_REQUIRED_KEYS = ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
+_REQUIRED_KEYS = (
+    "x_embedder.proj.weight",
+    "pos_embed",
+    "t_embedder.mlp.0.weight",
+    "final_layer.linear.weight",
+)
 # Modules the official layout does not have; they start at their identity init when absent.
 _OPTIONAL_PREFIXES = re.compile(r"(^stream\.|\.conn_attn\.|\.conn_mlp\.)")
 
@@ -111,7 +116,9 @@ def _load_directory(path: Path, overrides: dict[str, Any]) -> DiT:
                 model = DiT(**model_kwargs(cfg))
                 from safetensors.torch import load_file
 
-                load_state_dict_checked(model, load_file(candidate / "model.safetensors"), source=str(candidate))
+                load_state_dict_checked(
+                    model, load_file(candidate / "model.safetensors"), source=str(candidate)
+                )
                 return model
             return DiT.from_pretrained(candidate)
     raise CheckpointError(
@@ -140,9 +147,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "(torch.save(model.state_dict(), path)) or convert it to safetensors"
         ) from None
     except Exception as err:
-        raise CheckpointError(f"{str(path)!r} is not a torch checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a torch checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if isinstance(obj, dict):
-        for key in ("ema", "model", "state_dict"):  # facebookresearch/DiT train.py saves model, ema, opt, args
+        for key in (
+            "ema",
+            "model",
+            "state_dict",
+        ):  # facebookresearch/DiT train.py saves model, ema, opt, args
             if key in obj and isinstance(obj[key], dict):
                 obj = obj["ema"] if "ema" in obj else obj[key]
                 break

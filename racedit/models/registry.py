@@ -42,7 +42,9 @@ _CONN = re.compile(r"^(?P<m>m?)(?P<dyn>D?)(?P<kind>HC|FC)x(?P<rate>\d+)$")
 def parse_connection(suffix: str) -> ConnectionConfig:
     m = _CONN.match(suffix)
     if m is None or (m["m"] and (m["dyn"] or m["kind"] != "HC")):
-        raise ValueError(f"unknown connection suffix {suffix!r}; expected e.g. HCx2, DHCx4, FCx4, DFCx2, mHCx4")
+        raise ValueError(
+            f"unknown connection suffix {suffix!r}; expected e.g. HCx2, DHCx4, FCx4, DFCx2, mHCx4"
+        )
     kind = "mhc" if m["m"] else m["kind"].lower()
     return ConnectionConfig(kind=kind, rate=int(m["rate"]), dynamic=bool(m["dyn"]))
 
@@ -62,8 +64,9 @@ def config_from_name(name: str) -> ModelConfig:
         raise ValueError(f"model name {name!r}: RaceDiT names need '-<k>in<E>', DiT names must not have it")
     moe = MoEConfig(num_experts=int(m["E"]), k=int(m["k"])) if is_race else None
     conn = parse_connection(m["conn"]) if m["conn"] else ConnectionConfig()
-    return ModelConfig(depth=depth, hidden_size=width, num_heads=heads, patch_size=int(m["patch"]), moe=moe,
-                       connection=conn)
+    return ModelConfig(
+        depth=depth, hidden_size=width, num_heads=heads, patch_size=int(m["patch"]), moe=moe, connection=conn
+    )
 
 
 def resolve_model_config(name: str | None = None, **overrides: Any) -> ModelConfig:

@@ -27,7 +27,9 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.k < 1 or self.k > self.num_experts:
-            raise ValueError(f"MoE needs 1 <= k <= num_experts, got k={self.k}, num_experts={self.num_experts}")
+            raise ValueError(
+                f"MoE needs 1 <= k <= num_experts, got k={self.k}, num_experts={self.num_experts}"
+            )
         if self.hidden_split is not None and self.hidden_split < 1:
             raise ValueError(f"hidden_split must be >= 1, got {self.hidden_split}")
         if self.every < 1:
