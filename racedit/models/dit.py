@@ -12,7 +12,9 @@ Two slots of every block are pluggable without touching the block code:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -251,6 +253,38 @@ class DiT(ModelMixin, ConfigMixin):
             )  # PLR predicts the target per token
             return MoEFeedForward(arch.hidden_size, arch.mlp_hidden, arch.moe, layer_index, target_dim)
         return Mlp(arch.hidden_size, arch.mlp_hidden)
+
+    # ------------------------------------------------------------------------ save / load
+
+    WEIGHTS_NAME = "model.safetensors"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` (config.json + safetensors), weights named ``model.safetensors``."""
+        kwargs.setdefault("safe_serialization", True)
+        if not kwargs["safe_serialization"]:
+            raise ValueError("racedit models are saved as safetensors only (no pickles)")
+        super().save_pretrained(save_directory, **kwargs)
+        directory = Path(save_directory)
+        diffusers_name = directory / "diffusion_pytorch_model.safetensors"
+        if diffusers_name.exists():
+            diffusers_name.replace(directory / self.WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiT:
+        """Load a directory written by ``save_pretrained`` (racedit's or diffusers' weight file name)."""
+        directory = Path(pretrained_model_name_or_path)
+        if not (directory / cls.WEIGHTS_NAME).is_file():
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        from safetensors.torch import load_file
+
+        config = cls.load_config(directory)
+        model = cls.from_config(config)
+        state = load_file(directory / cls.WEIGHTS_NAME)
+        result = model.load_state_dict(state, strict=True)
+        del result
+        if kwargs.get("torch_dtype") is not None:
+            model = model.to(kwargs["torch_dtype"])
+        return model.eval()
 
     # ----------------------------------------------------------------------------- init
 
