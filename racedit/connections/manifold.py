@@ -1,0 +1,141 @@
+"""Manifold-constrained hyper-connections (mHC; DeepSeek, arXiv 2512.24880).
+
+connections.md, "mHC". Same n-stream state (B, L, n, D) and update as hyper-connections,
+
+    h0 = sum_i H_pre[i] * H_i,     H_j <- H_post[j] * T(h0) + sum_i H_res[i, j] * H_i,
+
+but every coefficient is computed per token from the RMSNorm of the flattened n*D state x (no tanh):
+
+    H_pre  = sigmoid(a_pre  * (x W_pre)  + b_pre)                    (B, L, n)
+    H_post = 2 * sigmoid(a_post * (x W_post) + b_post)               (B, L, n)
+    H_res  = SinkhornKnopp(exp(a_res * (x W_res) + b_res), 20 iters) (B, L, n, n), doubly stochastic
+
+A doubly stochastic H_res has spectral norm 1, so the product of residual mixes over depth stays
+bounded (unconstrained HC's product spiked at 27B scale). mHC is input-dependent by construction:
+the ``dynamic`` and ``tanh`` fields of ``ConnectionConfig`` do not apply to it.
+
+Initialisation: equal to the residual DiT, with the streams' symmetry broken.
+Expanded streams start as n equal copies of h. They stay equal through a sublayer exactly when
+(1) every stream receives the same output, (2) the mix keeps equal streams equal, and the sublayer
+input is h itself when (3) the read weights sum to 1. We initialise the projections W = 0 (the
+coefficients are then token-independent; their gradients are not zero since the scales a = 0.01 are
+not) and choose the biases so that
+(1) b_post = 0: H_post = 2 sigmoid(0) = 1 for every stream, exactly;
+(2) b_res = c I: Sinkhorn of a symmetric matrix with constant row sums is its row softmax, so every
+    column sums to 1 and sum_i H_res[i, j] H_i = h. We take c = ln(9 (n - 1)): H_res = 0.9 I + 0.1/(n-1)
+    off the diagonal: near the identity (as HC's A_r = I) yet away from the saturated limit where
+    the Sinkhorn gradient vanishes;
+(3) b_pre = logit(p) with p = e_k / 2 + 1 / (2n) (k = sublayer index mod n): the read weights sum to 1,
+    and the streams are read unequally, which breaks their symmetry (one-hot-style, as HC's A_m = e_k,
+    but not saturated: a sigmoid cannot reach 0 or 1).
+The network then equals the pre-norm residual network up to the rounding of sigmoid(logit(p))
+(about 1e-7 relative per sublayer in float32), not bitwise like HC and FC. With one stream the read
+weight sigmoid(.) cannot equal 1, so mHC needs n >= 2 (``ConnectionConfig`` says so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from racedit.connections.base import Branch, Connection, Stream
+from racedit.connections.config import ConnectionConfig
+from racedit.connections.hyper import DYNAMIC_SCALE_INIT, HyperStream
+
+RES_DIAG_INIT = 0.9  # H_res diagonal at init (the rest of each column spread evenly)
+
+
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp projection of ``exp(logits)`` (..., n, n) onto the doubly stochastic matrices.
+
+    Alternately normalises rows (dim -1) and columns (dim -2), in the log domain (the same iterates as
+    dividing exp(logits) by its sums, without overflow). Columns are normalised last, so they sum to 1
+    up to rounding; rows after ``iters`` iterations approximately. Computed in float32.
+    """
+    log_p = logits.float()
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
+    return log_p.exp().to(logits.dtype)
+
+
+class ManifoldHyperConnection(Connection):
+    """One sublayer's mHC (connections.md, mHC).
+
+    Parameters (state-dict names):
+    - ``proj`` Linear(n D, n + n + n^2) without bias: output columns [W_pre | W_post | W_res (row-major i, j)];
+    - ``pre_scale``, ``post_scale``, ``res_scale``: the scalars a (init 0.01);
+    - ``pre_bias`` (n,), ``post_bias`` (n,), ``res_bias`` (n, n): the static parts b.
+    """
+
+    def __init__(self, dim: int, rate: int, index: int, sinkhorn_iters: int = 20):
+        super().__init__()
+        if rate < 2:
+            raise ValueError("mHC needs rate >= 2 streams; for a single stream use kind='hc' with rate=1")
+        self.dim, self.rate, self.index, self.sinkhorn_iters = dim, rate, index, sinkhorn_iters
+        n = rate
+        self.proj = nn.Linear(n * dim, 2 * n + n * n, bias=False)  # n D -> [pre | post | res]
+        self.pre_scale = nn.Parameter(torch.empty(()))
+        self.post_scale = nn.Parameter(torch.empty(()))
+        self.res_scale = nn.Parameter(torch.empty(()))
+        self.pre_bias = nn.Parameter(torch.empty(n))  # (n,)
+        self.post_bias = nn.Parameter(torch.empty(n))  # (n,)
+        self.res_bias = nn.Parameter(torch.empty(n, n))  # (n, n), [i, j]: stream i -> stream j
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Residual-equivalent, symmetry-breaking init; see the module docstring."""
+        n, device = self.rate, self.pre_bias.device
+        self.proj.weight.zero_()  # DiT's xavier init touches every nn.Linear: re-zero it
+        for scale in (self.pre_scale, self.post_scale, self.res_scale):
+            scale.fill_(DYNAMIC_SCALE_INIT)
+        p = torch.full((n,), 0.5 / n, device=device)
+        p[self.index % n] += 0.5  # sums to 1; stream k read most
+        self.pre_bias.copy_(torch.logit(p))
+        self.post_bias.zero_()
+        c = math.log(RES_DIAG_INIT / (1 - RES_DIAG_INIT) * (n - 1))
+        self.res_bias.copy_(c * torch.eye(n, device=device))
+
+    def coefficients(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(H_pre (B, L, n), H_res (B, L, n, n), H_post (B, L, n)) for ``state`` (B, L, n, D)."""
+        n = self.rate
+        x = F.rms_norm(state.flatten(-2), (n * self.dim,), eps=1e-6)  # (B, L, n D)
+        z = self.proj(x)  # (B, L, 2n + n^2)
+        pre = torch.sigmoid(self.pre_scale * z[..., :n] + self.pre_bias)
+        post = 2 * torch.sigmoid(self.post_scale * z[..., n : 2 * n] + self.post_bias)
+        res_logits = self.res_scale * z[..., 2 * n :].unflatten(-1, (n, n)) + self.res_bias
+        return pre, sinkhorn(res_logits, self.sinkhorn_iters), post
+
+    def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, n, D) -> (B, L, n, D)
+        pre, res, post = self.coefficients(state)
+        h0 = torch.einsum("...nd,...n->...d", state, pre)  # (B, L, D)
+        out = branch(h0)  # (B, L, D)
+        mixed = torch.einsum("...id,...ij->...jd", state, res)  # (B, L, n, D)
+        return mixed + post.unsqueeze(-1) * out.unsqueeze(-2)
+
+    def flops(self, num_tokens: int) -> int:
+        """Per token: projection n D (n^2 + 2n), read/mix/write n (n + 2) D, Sinkhorn 2 iters n^2."""
+        n, D = self.rate, self.dim
+        per_token = n * D * (n * n + 2 * n) + n * (n + 2) * D + 2 * self.sinkhorn_iters * n * n
+        return num_tokens * per_token
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pre_bias", "post_bias", "res_bias", "pre_scale", "post_scale", "res_scale"}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rate={self.rate}, index={self.index}, sinkhorn_iters={self.sinkhorn_iters}"
+
+
+def build_stream(cfg: ConnectionConfig, dim: int) -> Stream:
+    return HyperStream(cfg.rate)
+
+
+def build_connection(cfg: ConnectionConfig, dim: int, layer_index: int, sublayer_index: int) -> Connection:
+    return ManifoldHyperConnection(dim, cfg.rate, 2 * layer_index + sublayer_index, cfg.sinkhorn_iters)
+
+
+__all__ = ["ManifoldHyperConnection", "build_connection", "build_stream", "sinkhorn"]
