@@ -1,0 +1,447 @@
+"""``sample.py`` / ``racedit-sample``: class-conditional samples from a racedit or official DiT checkpoint.
+
+Two modes:
+- a labelled grid: ``sample.py --ckpt DIR --classes 207 "golden retriever" --num-per-class 4 --out grid.png``
+- an evaluation file: ``sample.py --ckpt DIR --num-samples 50000 --npz samples.npz`` writes ADM's
+  format (``arr_0`` uint8 N x H x W x 3, ``arr_1`` labels) and ``samples.json`` (every setting).
+  Finished chunks are kept in ``samples.parts/``; rerunning the same command after a kill resumes.
+  ``torchrun --nproc_per_node K sample.py ...`` or ``accelerate launch sample.py ...`` spreads the
+  chunks over processes (CPU: gloo); sample i always gets seed (seed, i), so the result does not
+  depend on the number of processes or the batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from racedit.config.core import to_dict
+from racedit.diffusion import DiffusionConfig, build_objective
+from racedit.sampling.classes import default_class_names, parse_classes
+from racedit.sampling.generate import QUANTIZATIONS, generate
+from racedit.sampling.grid import save_grid
+from racedit.sampling.meta import SamplingMeta, official_dit_meta, read_sampling_meta
+from racedit.sampling.samplers import DEFAULT_STEPS, SAMPLERS
+from racedit.sampling.store import ChunkStore
+
+ALL_SAMPLERS = [s for names in SAMPLERS.values() for s in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="racedit-sample",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--ckpt", required=True, help="racedit model/checkpoint directory, or an official DiT .pt file"
+    )
+    g.add_argument(
+        "--objective",
+        choices=["ddpm", "flow"],
+        default=None,
+        help="override the objective from sampling.json (an official DiT .pt is ddpm)",
+    )
+    g.add_argument(
+        "--vae",
+        default=None,
+        help="latent models: diffusers AutoencoderKL hub id or local dir (default: sampling.json's, "
+        "else stabilityai/sd-vae-ft-ema)",
+    )
+    g.add_argument(
+        "--scaling-factor",
+        type=float,
+        default=None,
+        help="latent scale (default: sampling.json's, else 0.18215)",
+    )
+
+    g = p.add_argument_group("what to sample")
+    g.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        help="class ids or names, e.g. 207 'golden retriever' 88,89 (grid default: 8 classes spread over "
+        "the label range; with --num-samples: restrict labels to these classes)",
+    )
+    g.add_argument("--num-per-class", type=int, default=4, help="grid mode: samples per class")
+    g.add_argument(
+        "--num-samples", type=int, default=None, help="evaluation mode: total samples (needs --npz)"
+    )
+    g.add_argument(
+        "--label-sampling",
+        choices=["uniform", "balanced"],
+        default="uniform",
+        help="evaluation mode labels: uniform random draws seeded by --seed (ADM/DiT), or balanced "
+        "(sample i gets class i mod number of classes)",
+    )
+
+    g = p.add_argument_group("sampler and guidance")
+    g.add_argument(
+        "--sampler",
+        choices=ALL_SAMPLERS,
+        default=None,
+        help="ddpm objective: ddpm (ancestral), ddim, dpm++; flow objective: euler, heun, euler-maruyama "
+        "(default: ddpm or euler)",
+    )
+    g.add_argument(
+        "--steps", type=int, default=None, help=f"sampling steps (default per sampler: {DEFAULT_STEPS})"
+    )
+    g.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; 1 = none (one forward per step). Default 4.0 for a grid, "
+        "1.5 for --num-samples (DiT's settings)",
+    )
+    g.add_argument(
+        "--guidance-interval",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        default=None,
+        help="apply guidance only at noise levels in [LO, HI] (0 = data, 1 = noise; ddpm: t/1000)",
+    )
+    g.add_argument(
+        "--guidance-channels",
+        default="all",
+        help="guide 'all' prediction channels, or only the first N (3 reproduces DiT's numbers)",
+    )
+    g.add_argument(
+        "--spacing",
+        choices=["linspace", "leading", "trailing"],
+        default=None,
+        help="timestep spacing of the ddpm-family samplers (default: linspace for ddpm and dpm++ = DiT's "
+        "'250' respacing; leading for ddim = DiT's 'ddimN')",
+    )
+    g.add_argument(
+        "--shift", type=float, default=None, help="flow euler/heun: time shift of the grid (1 = uniform)"
+    )
+    g.add_argument(
+        "--sde-norm", type=float, default=None, help="euler-maruyama: diffusion g(t)^2 = norm * t (default 1)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="global seed; sample i uses (seed, i)")
+
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--out", default=None, help="grid mode: PNG path of the labelled grid (default sample.png)"
+    )
+    g.add_argument(
+        "--nrow", type=int, default=None, help="grid mode: tiles per row (default: --num-per-class)"
+    )
+    g.add_argument(
+        "--npz", default=None, help="evaluation mode: output .npz (a .json record is written beside it)"
+    )
+    g.add_argument(
+        "--quantization",
+        choices=list(QUANTIZATIONS),
+        default="dit",
+        help="float -> uint8: dit = clamp(127.5x+128) (rounds), adm = clamp((x+1)*127.5) (truncates)",
+    )
+    g.add_argument("--chunk-size", type=int, default=500, help="evaluation mode: samples per resumable chunk")
+    g.add_argument("--keep-chunks", action="store_true", help="keep the .parts folder after merging")
+    g.add_argument("--overwrite", action="store_true", help="evaluation mode: redo even if the .npz exists")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument(
+        "--batch-size", type=int, default=32, help="samples per forward (results do not depend on it)"
+    )
+    g.add_argument(
+        "--device", default=None, help="torch device (default: the process's accelerator, else cpu)"
+    )
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="autocast precision of the model forward (the sampler state stays fp32)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def weights_file(ckpt: Path) -> Path | None:
+    if ckpt.is_file():
+        return ckpt
+    for sub in ("", "ema", "model"):
+        f = (ckpt / sub if sub else ckpt) / "model.safetensors"
+        if f.is_file():
+            return f
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_meta(args: argparse.Namespace, model: torch.nn.Module) -> SamplingMeta:
+    ckpt = Path(args.ckpt)
+    meta = read_sampling_meta(ckpt) if ckpt.is_dir() else None
+    if meta is None:
+        if ckpt.is_dir():
+            print(
+                f"[sample] {ckpt} has no sampling.json: assuming DiT's settings (latent space, ddpm, "
+                "stabilityai/sd-vae-ft-ema, scale 0.18215)",
+                file=sys.stderr,
+            )
+        meta = official_dit_meta(image_size=model.arch.input_size * 8)
+    diffusion = dict(meta.diffusion)
+    if args.objective is not None:
+        diffusion["objective"] = args.objective
+    return SamplingMeta(
+        space=meta.space,
+        vae=args.vae or meta.vae,
+        scaling_factor=args.scaling_factor if args.scaling_factor is not None else meta.scaling_factor,
+        diffusion=diffusion,
+        class_names=meta.class_names,
+        image_size=meta.image_size,
+    )
+
+
+def evaluation_labels(args: argparse.Namespace, pool: list[int]) -> np.ndarray:
+    """(num_samples,) labels: uniform draws seeded by --seed, or balanced round-robin over ``pool``."""
+    pool_arr = np.asarray(pool, dtype=np.int64)
+    if args.label_sampling == "balanced":
+        return pool_arr[np.arange(args.num_samples) % len(pool_arr)]
+    rng = np.random.default_rng([args.seed, 0x1ABE1])
+    return pool_arr[rng.integers(0, len(pool_arr), size=args.num_samples)]
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.num_samples is not None and args.npz is None:
+        parser.error("--num-samples needs --npz (the output file)")
+    if args.npz is not None and args.num_samples is None:
+        parser.error("--npz needs --num-samples")
+    if args.npz is not None and args.out is not None:
+        parser.error("choose one mode: --out (grid) or --num-samples/--npz (evaluation file)")
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error("--num-samples must be >= 1")
+    if args.num_per_class < 1 or args.batch_size < 1 or args.chunk_size < 1:
+        parser.error("--num-per-class, --batch-size and --chunk-size must be >= 1")
+    if args.guidance_channels != "all":
+        try:
+            args.guidance_channels = int(args.guidance_channels)
+        except ValueError:
+            parser.error(f"--guidance-channels must be 'all' or an integer, got {args.guidance_channels!r}")
+        if args.guidance_channels < 1:
+            parser.error("--guidance-channels must be >= 1")
+    if args.npz is not None and not args.npz.endswith(".npz"):
+        parser.error("--npz must end with .npz")
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    from accelerate import PartialState
+
+    from racedit.models.loading import load_model
+
+    # Without CUDA (or with --device cpu), torchrun's environment means gloo processes on the CPU.
+    cpu = (args.device is not None and args.device.startswith("cpu")) or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
+    device = torch.device(args.device) if args.device else state.device
+    grid_mode = args.npz is None
+    if grid_mode and not is_main:
+        return 0  # a grid is drawn by one process
+
+    model = load_model(args.ckpt, device=device)
+    meta = resolve_meta(args, model)
+    dcfg: DiffusionConfig = meta.diffusion_config()
+    objective = build_objective(dcfg, model.arch.learn_sigma)
+    sampler = args.sampler or objective.samplers[0]
+    if sampler not in objective.samplers:
+        parser.error(
+            f"--sampler {sampler} does not fit the {objective.kind} objective: use one of {list(objective.samplers)}"
+        )
+    steps = args.steps or DEFAULT_STEPS[sampler]
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (4.0 if grid_mode else 1.5)
+    class_names = list(meta.class_names) if meta.class_names else default_class_names(model.arch.num_classes)
+    try:
+        classes = parse_classes(args.classes, class_names, model.arch.num_classes) if args.classes else None
+    except ValueError as err:
+        parser.error(str(err))
+    options: dict[str, Any] = {}
+    if args.spacing is not None:
+        options["spacing"] = args.spacing
+    if args.shift is not None:
+        options["shift"] = args.shift
+    if args.sde_norm is not None:
+        options["diffusion_norm"] = args.sde_norm
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+    decode = None
+    if meta.space == "latent":
+        from racedit.sampling.vae import VAEError, load_vae, vae_decoder
+
+        try:
+            decode = vae_decoder(load_vae(meta.vae, device), meta.scaling_factor, args.batch_size)
+        except VAEError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    wfile = weights_file(Path(args.ckpt))
+    settings: dict[str, Any] = {
+        "ckpt": str(Path(args.ckpt).resolve()),
+        "weights_sha256": sha256_file(wfile) if wfile is not None else None,
+        "model": to_dict(model.arch),
+        "space": meta.space,
+        "vae": meta.vae if meta.space == "latent" else None,
+        "scaling_factor": meta.scaling_factor if meta.space == "latent" else None,
+        "diffusion": to_dict(dcfg),
+        "sampler": sampler,
+        "steps": steps,
+        "sampler_options": options,
+        "cfg_scale": cfg_scale,
+        "guidance_interval": list(args.guidance_interval) if args.guidance_interval else None,
+        "guidance_channels": args.guidance_channels,
+        "seed": args.seed,
+        "seeding": "sample i: torch CPU generator seeded by SeedSequence([seed, i])",
+        "quantization": args.quantization,
+        "quantization_rule": QUANTIZATIONS[args.quantization],
+        "precision": args.precision,
+    }
+    common = dict(
+        objective=objective,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+        guidance_channels=args.guidance_channels,
+        seed=args.seed,
+        decode=decode,
+        batch_size=args.batch_size,
+        quantization=args.quantization,
+        autocast_dtype=autocast,
+        sampler_options=options,
+    )
+    if grid_mode:
+        return _grid(args, model, classes, class_names, settings, common)
+    return _evaluation(args, model, classes, settings, common, state, rank, world, is_main)
+
+
+def _record(settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    import diffusers
+
+    import racedit
+
+    return {
+        **settings,
+        **extra,
+        "versions": {
+            "racedit": racedit.__version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+        },
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _grid(args, model, classes, class_names, settings, common) -> int:
+    n = model.arch.num_classes
+    if classes is None:
+        classes = sorted({round(i * (n - 1) / 7) for i in range(min(8, n))})
+    labels = [c for c in classes for _ in range(args.num_per_class)]
+    images = generate(model, labels, progress=not args.no_progress, **common)
+    out = Path(args.out or "sample.png")
+    save_grid(images, labels, class_names, out, nrow=args.nrow or args.num_per_class)
+    record = _record(settings, {"mode": "grid", "classes": classes, "num_per_class": args.num_per_class})
+    record["params"] = model.param_counts()
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[sample] wrote {out} ({len(labels)} samples) and {out.with_suffix('.json')}")
+    return 0
+
+
+def _evaluation(args, model, classes, settings, common, state, rank, world, is_main) -> int:
+    from tqdm.auto import tqdm
+
+    npz = Path(args.npz)
+    json_path = npz.with_suffix(".json")
+    pool = classes if classes is not None else list(range(model.arch.num_classes))
+    settings = {
+        **settings,
+        "num_samples": args.num_samples,
+        "label_sampling": args.label_sampling,
+        "classes": classes,
+        "chunk_size": args.chunk_size,
+    }
+    store = ChunkStore(npz, args.num_samples, args.chunk_size)
+    if npz.is_file() and json_path.is_file() and not args.overwrite:
+        old = json.loads(json_path.read_text())
+        if all(old.get(k) == v for k, v in settings.items()):
+            if is_main:
+                print(f"[sample] {npz} is already complete with these settings (use --overwrite to redo)")
+            return 0
+    error: str | None = None
+    if is_main:
+        try:
+            store.prepare(settings)
+        except RuntimeError as err:
+            error = str(err)
+    state.wait_for_everyone()
+    if error is not None or not (store.dir / "settings.json").is_file():
+        if is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    labels = evaluation_labels(args, pool)
+    todo = store.missing()
+    if is_main:
+        done = store.num_chunks - len(todo)
+        print(
+            f"[sample] {args.num_samples} samples in {store.num_chunks} chunks of {args.chunk_size}: "
+            f"{done} already done, {len(todo)} to go, over {world} process(es)",
+            flush=True,
+        )
+    state.wait_for_everyone()  # every rank has listed the same missing chunks before any is written
+    mine = todo[rank::world]
+    bar = tqdm(
+        total=sum(store.bounds(k)[1] - store.bounds(k)[0] for k in mine) * world,
+        desc="samples (all processes, estimated)",
+        disable=args.no_progress or not is_main,
+        unit="img",
+    )
+    for k in mine:
+        start, end = store.bounds(k)
+        images = generate(model, torch.from_numpy(labels[start:end]), first_index=start, **common)
+        store.save(k, images.numpy(), labels[start:end])
+        bar.update((end - start) * world)
+    bar.close()
+    state.wait_for_everyone()
+    if is_main:
+        store.merge(keep_parts=args.keep_chunks)
+        record = _record(
+            settings,
+            {
+                "mode": "npz",
+                "file": str(npz),
+                "layout": "arr_0 uint8 (N,H,W,3), arr_1 int64 labels",
+                "num_processes": world,
+            },
+        )
+        record["params"] = model.param_counts()
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"[sample] wrote {npz} and {json_path}", flush=True)
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
