@@ -1,4 +1,7 @@
-"""Routing layout and expert computation: PyTorch reference, Triton kernels, and the dispatch point."""
+"""Routing layout and expert computation: PyTorch reference, Triton kernels, and the dispatch point.
+
+Importing this package never imports Triton; ``dispatch`` loads the kernels on first use.
+"""
 
 from racedit.kernels.reference import RoutePlan, combine, expert_ffn, plan_from_mask
 

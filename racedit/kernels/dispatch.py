@@ -1,31 +1,69 @@
-"""The one switch between the Triton kernels and the PyTorch reference.
+"""The one switch between the Triton kernels and the PyTorch reference (kernels.md, design.md).
 
-Callers (the MoE layer) use only these functions. ``impl="auto"`` picks Triton for CUDA tensors when
-Triton is importable and the reference otherwise; ``"torch"`` / ``"triton"`` force one.
+Callers (the MoE layer) use only these functions. ``impl``:
+- ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference otherwise;
+- ``"torch"``: the PyTorch reference (``reference.py``) on any device;
+- ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
+- ``"grouped_mm"`` (``expert_ffn`` only; routing behaves as ``"auto"``): ``torch._grouped_mm`` GEMMs.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Literal
 
 from torch import Tensor
 
 from racedit.kernels import reference
-from racedit.kernels.reference import RoutePlan
+from racedit.kernels.reference import RoutePlan, Ties
 
-Impl = Literal["auto", "torch", "triton"]
+Impl = Literal["auto", "torch", "triton", "grouped_mm"]
+_IMPLS = ("auto", "torch", "triton", "grouped_mm")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: Tensor, impl: Impl) -> bool:
+    """Whether ``impl`` sends work on ``t``'s device to the Triton kernels (raises on impossible asks)."""
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "impl='triton' but triton is not installed; use impl='torch' or install triton"
+            )
+        if not t.is_cuda and not interpreting():
+            raise RuntimeError(
+                f"impl='triton' got {t.device.type} tensors: Triton runs on CUDA, or on CPU only with "
+                "TRITON_INTERPRET=1 set before racedit.kernels is imported; use impl='torch' on CPU"
+            )
+        return True
+    return t.is_cuda and triton_available()
 
 
 def plan_from_mask(mask: Tensor, gates: Tensor, impl: Impl = "auto") -> RoutePlan:
-    """Sorted (expert-major) layout of any strategy's selection mask (T, E)."""
+    """Sorted (expert-major) layout of any strategy's selection mask (T, E); gates (T, E) per pair."""
+    if use_triton(gates, impl):
+        from racedit.kernels.triton_routing import build_plan
+
+        return build_plan(gates, mask=mask)
     return reference.plan_from_mask(mask, gates)
 
 
 def race_plan(
     scores: Tensor,
     k_total: int | None = None,
-    tau: Tensor | None = None,
-    ties: str = "index",
+    tau: Tensor | float | None = None,
+    ties: Ties = "index",
     impl: Impl = "auto",
 ) -> RoutePlan:
     """Expert race over all T*E scores at once, fused with the layout (kernels.md).
@@ -33,23 +71,31 @@ def race_plan(
     scores (T, E) are the gated router scores G(s): selection and gate values use the same numbers.
     Training: ``k_total`` = K = k*T, exact top-K over the flattened scores (ties: lowest flat index
     t*E+e, or keep all ties); the plan's ``kth`` is the K-th largest score. Inference: ``tau``
-    (scalar tensor), select ``scores >= tau``.
+    (scalar), select ``scores >= tau`` (compared in fp32). NaN scores raise ValueError (on CUDA the
+    exact-K path raises asynchronously, at the next synchronisation, to avoid a host sync).
     """
     if (k_total is None) == (tau is None):
         raise ValueError("race_plan takes exactly one of k_total (training) or tau (inference)")
-    if tau is not None:
-        plan = reference.plan_from_mask(scores >= tau, scores)
-        return plan
-    from racedit.routing.topk import topk_mask
+    if use_triton(scores, impl):
+        from racedit.kernels.triton_routing import build_plan
 
-    mask, kth = topk_mask(scores.reshape(1, -1), k_total, ties)
-    plan = reference.plan_from_mask(mask.view_as(scores), scores)
-    plan.kth = kth[0]
-    return plan
+        return build_plan(scores, k_total=k_total, tau=tau, ties=ties)
+    return reference.race_plan(scores, k_total=k_total, tau=tau, ties=ties)
 
 
 def expert_ffn(
     x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, impl: Impl = "auto"
 ) -> Tensor:
-    """Gate-weighted sum of the selected experts' outputs per token: (T, D) -> (T, D)."""
+    """Gate-weighted sum of the selected experts' outputs per token: x (T, D) -> (T, D).
+
+    w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D); the expert is GELU_tanh(x w1 + b1) w2 + b2.
+    """
+    if impl == "grouped_mm":
+        from racedit.kernels import grouped_mm
+
+        return grouped_mm.expert_ffn(x, plan, w1, b1, w2, b2)
+    if use_triton(x, impl):
+        from racedit.kernels import triton_experts
+
+        return triton_experts.expert_ffn(x, plan, w1, b1, w2, b2)
     return reference.expert_ffn(x, plan, w1, b1, w2, b2)
