@@ -1,0 +1,693 @@
+"""``racedit-extract``: encode an image-folder dataset into VAE latent shards; verify them; report their stats.
+
+Subcommands (``racedit-extract <cmd> --help`` explains every flag):
+
+``extract``  ImageFolder tree -> ADM center crop -> diffusers ``AutoencoderKL`` -> for each image *and its
+             horizontal flip* the posterior mean and std (fp16), in shards with a label index and a
+             metadata file (format: ``racedit/data/format.py``). Several processes (``torchrun`` or
+             ``accelerate launch``) each take shards ``k`` with ``k % world_size == rank``. Resumable: a
+             rerun of the same command skips finished shards and redoes only unfinished ones (shards are
+             written atomically), even with another number of processes. Unreadable images are listed in
+             ``report.json`` and excluded.
+``verify``   checks every shard against the index and metadata (counts, shapes, dtypes, labels, finite
+             values, every image exactly once).
+``stats``    per-channel mean and std of the scaled latents the trainer will see: a wrong scaling factor
+             shows up as a std far from 1.
+
+Examples::
+
+    racedit-extract extract --data-dir /data/imagenet/train --out /data/latents/in256 --resolution 256
+    torchrun --nproc_per_node 8 -m racedit.data.extract extract --data-dir ... --out ...
+    racedit-extract verify --root /data/latents/in256
+    racedit-extract stats --root /data/latents/in256
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from racedit.data.format import (
+    FILES_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    PLAN_FILE,
+    REPORT_FILE,
+    LatentFormatError,
+    SafetensorsHeader,
+    check_shard_header,
+    fingerprint,
+    load_index,
+    load_meta,
+    read_json,
+    remove_stale_temporaries,
+    shard_name,
+    write_json,
+    write_safetensors,
+)
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+FP16_MAX = 65504.0
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Settings a shard's content depends on; a rerun must match them to resume (batch size, workers do not).
+_PLAN_KEYS = (
+    "data_dir",
+    "vae",
+    "vae_config",
+    "resolution",
+    "shard_size",
+    "encode_dtype",
+    "scaling_factor",
+    "shift_factor",
+    "latent_shape",
+)
+
+
+class ExtractError(RuntimeError):
+    """Extraction cannot proceed; the message names the problem and the fix."""
+
+
+def _log(msg: str) -> None:
+    print(f"[racedit-extract] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_vae(name: str, subfolder: str | None = None) -> Any:
+    """``AutoencoderKL.from_pretrained`` with an error that says what to download and where when offline."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if path.is_dir() and subfolder is None:
+        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+            subfolder = "vae"  # a full Stable Diffusion pipeline folder
+    if looks_local and not path.exists():
+        raise ExtractError(f"VAE folder {path} does not exist; pass a Hugging Face hub id or a local folder")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(path) if looks_local else name, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        local = Path(name).name or "vae"
+        raise ExtractError(
+            f"could not load the VAE '{name}' ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
+            "Without network access, download it once where there is network:\n"
+            f"  huggingface-cli download {name} config.json diffusion_pytorch_model.safetensors "
+            f"--local-dir ./{local}\n"
+            f"then copy the folder here and pass --vae /path/to/{local}, or put it in the Hugging Face "
+            f"cache ({hf_home}) and set HF_HUB_OFFLINE=1."
+        ) from None
+    return vae.eval().requires_grad_(False)
+
+
+def vae_properties(vae: Any, resolution: int, scaling_factor: float | None) -> dict[str, Any]:
+    """Scaling factor, shift, latent shape and the JSON config of a diffusers AutoencoderKL."""
+    cfg = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    cfg = json.loads(json.dumps(cfg, default=list))
+    factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+    if resolution % factor:
+        raise ExtractError(
+            f"--resolution {resolution} is not a multiple of the VAE downsampling factor {factor}"
+        )
+    sf = scaling_factor if scaling_factor is not None else cfg.get("scaling_factor")
+    if sf is None:
+        raise ExtractError(
+            "the VAE config has no scaling_factor; pass --scaling-factor (0.18215 for SD VAEs)"
+        )
+    shift = cfg.get("shift_factor")
+    return {
+        "vae_config": cfg,
+        "scaling_factor": float(sf),
+        "shift_factor": float(shift) if shift is not None else 0.0,
+        "latent_shape": [int(cfg["latent_channels"]), resolution // factor, resolution // factor],
+        "downsample_factor": factor,
+    }
+
+
+@torch.inference_mode()
+def encode_batch(vae: Any, images: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (b, 3, R, R) -> posterior mean and std, float16 (b, 2, C, h, w); [:, 1] is the flip."""
+    device = next(vae.parameters()).device
+    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)  # (b, 3, R, R) in [-1, 1]
+    x = torch.cat([x, x.flip(-1)]).to(dtype)  # (2b, 3, R, R): images, then their flips
+    dist = vae.encode(x).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()  # (2b, C, h, w)
+    b = images.shape[0]
+    mean = torch.stack([mean[:b], mean[b:]], dim=1)  # (b, 2, C, h, w)
+    std = torch.stack([std[:b], std[b:]], dim=1)
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise ExtractError("the VAE produced non-finite latents; encode in fp32 (--dtype fp32)")
+    if mean.abs().max() > FP16_MAX:
+        raise ExtractError(f"latent mean {mean.abs().max():.3g} overflows float16; is this a KL-VAE?")
+    return mean.half().cpu().numpy(), std.half().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plan: the ordered file list and the settings, fixed by the first run and reused by reruns
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_or_check_plan(out: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write plan.json + files.json on the first run; on a rerun check the settings match. Main process only."""
+    from racedit.data.imagefolder import list_image_folder
+
+    plan_path = out / PLAN_FILE
+    if plan_path.is_file() and (out / FILES_FILE).is_file():
+        plan = read_json(plan_path, "plan file")
+        diff = [k for k in _PLAN_KEYS if plan["settings"].get(k) != settings.get(k)]
+        if diff:
+            lines = "\n".join(
+                f"  {k}: was {plan['settings'].get(k)!r}, now {settings.get(k)!r}" for k in diff
+            )
+            raise ExtractError(
+                f"{out} holds an extraction made with other settings:\n{lines}\n"
+                "Rerun with the original settings to resume it, or choose a new --out directory."
+            )
+        return plan
+    if (out / META_FILE).exists() or any(out.glob("shard-*.safetensors")):
+        raise ExtractError(f"{out} holds shards but no {PLAN_FILE}; choose an empty --out directory")
+    _log(f"listing {data_dir} ...")
+    try:
+        listing = list_image_folder(data_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ExtractError(str(err)) from None
+    if not listing.files:
+        raise ExtractError(f"no images found under {data_dir}/<class>/ (extensions .jpg .jpeg .png ...)")
+    if listing.ignored:
+        _log(f"{len(listing.ignored)} files without an image extension are ignored (listed in {REPORT_FILE})")
+    n = len(listing.files)
+    num_shards = (n + settings["shard_size"] - 1) // settings["shard_size"]
+    write_json(
+        out / FILES_FILE,
+        {"class_names": listing.class_names, "files": listing.files, "ignored": listing.ignored},
+    )
+    plan = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "settings": settings,
+        "fingerprint": fingerprint(settings),
+        "num_files": n,
+        "num_shards": num_shards,
+    }
+    write_json(plan_path, plan)  # written after files.json: a plan on disk always has its file list
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# extract
+# ---------------------------------------------------------------------------------------------------
+
+
+def _shard_done(out: Path, k: int, latent_shape: tuple[int, int, int], fprint: str) -> bool:
+    path = out / shard_name(k)
+    if not path.is_file():
+        return False
+    try:
+        check_shard_header(SafetensorsHeader(path), latent_shape, None, fprint)
+    except LatentFormatError as err:
+        _log(f"redoing {path.name}: {err}")
+        return False
+    return True
+
+
+def _encode_shards(
+    vae: Any,
+    data_dir: Path,
+    files: list[tuple[str, int]],
+    shards: list[int],
+    plan: dict[str, Any],
+    args: argparse.Namespace,
+    out: Path,
+    show_progress: bool,
+) -> None:
+    """Encode the given shards in order; each is written (atomically) as soon as its last batch is done."""
+    from tqdm import tqdm
+
+    from racedit.data.imagefolder import ImageListDataset, collate_items
+
+    settings = plan["settings"]
+    size, n_files = settings["shard_size"], plan["num_files"]
+    latent_shape = tuple(settings["latent_shape"])
+    dtype = _DTYPES[settings["encode_dtype"]]
+    batches: list[list[int]] = []
+    ends: list[int | None] = []  # shard index when the batch closes a shard, else None
+    for k in shards:
+        idx = list(range(k * size, min((k + 1) * size, n_files)))
+        for j in range(0, len(idx), args.batch_size):
+            batches.append(idx[j : j + args.batch_size])
+            ends.append(k if j + args.batch_size >= len(idx) else None)
+    dataset = ImageListDataset(data_dir, files, settings["resolution"])
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=args.num_workers,
+        collate_fn=collate_items,
+        prefetch_factor=4 if args.num_workers > 0 else None,
+    )
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="img", desc="encoding", disable=not show_progress, dynamic_ncols=True)
+    means: list[np.ndarray] = []
+    stds: list[np.ndarray] = []
+    labels: list[int] = []
+    indices: list[int] = []
+    excluded: list[dict[str, str]] = []
+    for batch, end in zip(loader, ends):
+        good = [item for item in batch if item[1] is not None]
+        for i, _, _, error in batch:
+            if error:
+                excluded.append({"path": files[i][0], "error": error})
+        if good:
+            mean, std = encode_batch(vae, torch.stack([item[1] for item in good]), dtype)
+            means.append(mean)
+            stds.append(std)
+            labels.extend(item[2] for item in good)
+            indices.extend(item[0] for item in good)
+        bar.update(len(batch))
+        if end is not None:
+            empty = np.zeros((0, 2, *latent_shape), np.float16)
+            tensors = {
+                "mean": np.concatenate(means) if means else empty,
+                "std": np.concatenate(stds) if stds else empty,
+                "labels": np.asarray(labels, np.int64),
+                "file_index": np.asarray(indices, np.int64),
+            }
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "shard": end,
+                "count": len(labels),
+                "fingerprint": plan["fingerprint"],
+                "excluded": excluded,
+            }
+            write_safetensors(out / shard_name(end), tensors, meta)
+            for e in excluded:
+                _log(f"excluded unreadable image {e['path']} ({e['error']})")
+            means, stds, labels, indices, excluded = [], [], [], [], []
+            bar.set_postfix(shard=end)
+        if args.throttle > 0:
+            time.sleep(args.throttle)
+    bar.close()
+
+
+def finalize(out: Path, plan: dict[str, Any], vae_id: str, file_list: dict[str, Any]) -> dict[str, Any]:
+    """Gather all shards into index.safetensors, report.json and (last) meta.json. Main process only."""
+    settings = plan["settings"]
+    latent_shape = tuple(settings["latent_shape"])
+    labels, file_index, counts, excluded = [], [], [], []
+    for k in range(plan["num_shards"]):
+        header = SafetensorsHeader(out / shard_name(k))
+        check_shard_header(header, latent_shape, None, plan["fingerprint"])
+        labels.append(np.array(header.memmap("labels")))
+        file_index.append(np.array(header.memmap("file_index")))
+        counts.append(len(labels[-1]))
+        excluded.extend(header.metadata["excluded"])
+    labels_all = np.concatenate(labels)
+    index_all = np.concatenate(file_index)
+    excluded_idx = {e["path"] for e in excluded}
+    if len(np.unique(index_all)) != len(index_all) or len(index_all) + len(excluded_idx) != plan["num_files"]:
+        raise ExtractError(
+            f"shards of {out} do not cover the {plan['num_files']} files exactly once "
+            f"({len(index_all)} encoded, {len(excluded_idx)} excluded); delete the directory and re-extract"
+        )
+    write_safetensors(
+        out / INDEX_FILE,
+        {"labels": labels_all, "file_index": index_all, "shard_counts": np.asarray(counts, np.int64)},
+        {"format_version": FORMAT_VERSION, "fingerprint": plan["fingerprint"]},
+    )
+    class_names = file_list["class_names"]
+    write_json(
+        out / REPORT_FILE,
+        {
+            "num_files": plan["num_files"],
+            "num_encoded": int(len(index_all)),
+            "num_excluded": len(excluded),
+            "excluded": excluded,
+            "ignored_not_images": file_list.get("ignored", []),
+        },
+    )
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vae": vae_id,
+        "scaling_factor": settings["scaling_factor"],
+        "shift_factor": settings["shift_factor"],
+        "resolution": settings["resolution"],
+        "latent_shape": list(latent_shape),
+        "crop": "adm_center_crop",
+        "flip": True,
+        "stores": "mean and std of the VAE posterior, float16, (n, 2, C, h, w); [:, 1] = horizontal flip",
+        "encode_dtype": settings["encode_dtype"],
+        "class_names": class_names,
+        "num_classes": len(class_names),
+        "num_images": int(len(labels_all)),
+        "num_excluded": len(excluded),
+        "class_counts": np.bincount(labels_all, minlength=len(class_names)).tolist(),
+        "num_shards": plan["num_shards"],
+        "shard_size": settings["shard_size"],
+        "source": settings["data_dir"],
+        "fingerprint": plan["fingerprint"],
+        "vae_config": settings["vae_config"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out / META_FILE, meta)  # last: its presence marks a complete extraction
+    return meta
+
+
+class _SingleProcess:
+    """The parts of accelerate's PartialState used here, for a plain (non-launched) single process."""
+
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+    is_local_main_process = True
+
+    def __init__(self, cpu: bool) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _process_state(cpu: bool, timeout_hours: float) -> Any:
+    """accelerate's PartialState under torchrun / accelerate launch (gloo on CPU), else one plain process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _SingleProcess(cpu)
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu or not torch.cuda.is_available(), timeout=timedelta(hours=timeout_hours))
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    state = _process_state(args.cpu, args.timeout_hours)
+    out = Path(args.out).expanduser().resolve()
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    vae = load_vae(args.vae, args.vae_subfolder)
+    props = vae_properties(vae, args.resolution, args.scaling_factor)
+    settings = {
+        "data_dir": str(data_dir),
+        "vae": args.vae,
+        "resolution": args.resolution,
+        "shard_size": args.shard_size,
+        "encode_dtype": args.dtype,
+        **{k: props[k] for k in ("vae_config", "scaling_factor", "shift_factor", "latent_shape")},
+    }
+    if state.is_main_process:
+        removed = remove_stale_temporaries(out)
+        if removed:
+            _log(f"removed {len(removed)} partial files of an interrupted run")
+        make_or_check_plan(out, data_dir, settings)
+    state.wait_for_everyone()
+    plan = read_json(out / PLAN_FILE, "plan file")
+    if not state.is_main_process:  # the main process has checked them; all processes must agree
+        diff = [k for k in _PLAN_KEYS if plan["settings"].get(k) != settings.get(k)]
+        if diff:
+            raise ExtractError(f"process {state.process_index} sees other settings than the plan: {diff}")
+    file_list = read_json(out / FILES_FILE, "file list")
+    files = [(rel, int(label)) for rel, label in file_list["files"]]
+    latent_shape = tuple(plan["settings"]["latent_shape"])
+    rank, world = state.process_index, state.num_processes
+    mine = [k for k in range(plan["num_shards"]) if k % world == rank]
+    todo = [k for k in mine if not _shard_done(out, k, latent_shape, plan["fingerprint"])]
+    _log(
+        f"process {rank}/{world} on {state.device}: {len(todo)} of its {len(mine)} shards to encode "
+        f"({plan['num_files']} images, {plan['num_shards']} shards of {plan['settings']['shard_size']} in all)"
+    )
+    if todo:
+        vae.to(state.device)
+        if args.dtype != "fp32":
+            vae.to(_DTYPES[args.dtype])
+        _encode_shards(vae, data_dir, files, todo, plan, args, out, state.is_local_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        meta = finalize(out, plan, args.vae, file_list)
+        _log(
+            f"done: {meta['num_images']} images in {meta['num_shards']} shards, {meta['num_excluded']} "
+            f"excluded (see {out / REPORT_FILE}); latents {meta['latent_shape']}, scaling factor "
+            f"{meta['scaling_factor']}"
+        )
+    state.wait_for_everyone()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------------
+
+
+def verify(root: str | Path, quick: bool = False, progress: bool = True) -> list[str]:
+    """Check every shard against the index and metadata; returns the problems found (empty: all good)."""
+    from tqdm import tqdm
+
+    root = Path(root)
+    meta = load_meta(root)
+    index = load_index(root)
+    latent_shape = tuple(meta["latent_shape"])
+    counts = index["shard_counts"]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    problems: list[str] = []
+    if len(counts) != meta["num_shards"]:
+        problems.append(f"index lists {len(counts)} shards, meta.json says {meta['num_shards']}")
+    if int(offsets[-1]) != meta["num_images"] or len(index["labels"]) != meta["num_images"]:
+        problems.append(f"index holds {len(index['labels'])} images, meta.json says {meta['num_images']}")
+    extra = sorted(
+        p.name for p in root.glob("shard-*.safetensors") if int(p.stem.split("-")[1]) >= len(counts)
+    )
+    if extra:
+        problems.append(f"shard files not in the index: {extra}")
+    fidx = index["file_index"]
+    if len(np.unique(fidx)) != len(fidx):
+        problems.append("some images occur more than once (duplicate file_index entries)")
+    labels = index["labels"]
+    if len(labels) and (labels.min() < 0 or labels.max() >= meta["num_classes"]):
+        problems.append(f"labels outside [0, {meta['num_classes']})")
+    if np.bincount(labels, minlength=meta["num_classes"]).tolist() != meta["class_counts"]:
+        problems.append("class_counts in meta.json do not match the index labels")
+    plan_path = root / PLAN_FILE
+    if plan_path.is_file():
+        plan = read_json(plan_path, "plan file")
+        if meta["num_images"] + meta["num_excluded"] != plan["num_files"]:
+            problems.append(
+                f"{meta['num_images']} encoded + {meta['num_excluded']} excluded != {plan['num_files']} files"
+            )
+    for k in tqdm(range(len(counts)), desc="verifying shards", unit="shard", disable=not progress):
+        path = root / shard_name(k)
+        lo, hi = int(offsets[k]), int(offsets[k + 1])
+        try:
+            header = SafetensorsHeader(path)
+            check_shard_header(header, latent_shape, int(counts[k]), meta["fingerprint"])
+        except LatentFormatError as err:
+            problems.append(str(err))
+            continue
+        if not np.array_equal(header.memmap("labels"), labels[lo:hi]):
+            problems.append(f"{path.name}: labels differ from the index")
+        if not np.array_equal(header.memmap("file_index"), fidx[lo:hi]):
+            problems.append(f"{path.name}: file_index differs from the index")
+        if quick:
+            continue
+        for name in ("mean", "std"):
+            arr = header.memmap(name)
+            for j in range(0, len(arr), 1024):  # chunks bound the memory used
+                chunk = np.asarray(arr[j : j + 1024], dtype=np.float32)
+                if not np.isfinite(chunk).all():
+                    problems.append(f"{path.name}: non-finite values in '{name}' (items {j}..{j + 1023})")
+                    break
+                if name == "std" and (chunk < 0).any():
+                    problems.append(f"{path.name}: negative std (items {j}..{j + 1023})")
+                    break
+    return problems
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    problems = verify(args.root, quick=args.quick)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {args.root}:")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    meta = load_meta(args.root)
+    print(
+        f"OK: {meta['num_images']} images in {meta['num_shards']} shards, {meta['num_classes']} classes, "
+        f"latents {meta['latent_shape']} ({'headers and labels only' if args.quick else 'all values checked'})"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# stats
+# ---------------------------------------------------------------------------------------------------
+
+
+def latent_stats(root: str | Path, max_images: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """Per-channel mean/std of the latents the trainer sees (one posterior draw, random flip, scaled)."""
+    from tqdm import tqdm
+
+    from racedit.data.latents import LatentDataset
+
+    ds = LatentDataset(root, seed=seed)
+    n = len(ds)
+    rng = np.random.default_rng(seed)
+    pick = np.arange(n) if n <= max_images else np.sort(rng.choice(n, size=max_images, replace=False))
+    C = ds.sample_shape[0]
+    s1 = np.zeros(C, np.float64)
+    s2 = np.zeros(C, np.float64)
+    per_item = ds.sample_shape[1] * ds.sample_shape[2]
+    for i in tqdm(pick, desc="latent stats", unit="img", disable=len(pick) < 2000):
+        x = ds[int(i)][0].double().reshape(C, -1).numpy()  # (C, h*w)
+        s1 += x.sum(1)
+        s2 += (x * x).sum(1)
+    count = len(pick) * per_item
+    mean = s1 / count
+    std = np.sqrt(np.maximum(s2 / count - mean**2, 0.0))
+    overall_mean = s1.sum() / (count * C)
+    overall_std = float(np.sqrt(max(s2.sum() / (count * C) - overall_mean**2, 0.0)))
+    sf = ds.meta["scaling_factor"]
+    return {
+        "root": str(root),
+        "images": int(len(pick)),
+        "scaling_factor": sf,
+        "channel_mean": mean.tolist(),
+        "channel_std": std.tolist(),
+        "mean": float(overall_mean),
+        "std": overall_std,
+        "unit_std_scaling_factor": sf / overall_std if overall_std > 0 else None,
+    }
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    stats = latent_stats(args.root, args.max_images, args.seed)
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    print(
+        f"latent statistics of {stats['root']}: {stats['images']} images, one posterior draw each, random "
+        f"flip, multiplied by the scaling factor {stats['scaling_factor']}"
+    )
+    print(f"{'channel':>8} {'mean':>9} {'std':>9}")
+    for c, (m, s) in enumerate(zip(stats["channel_mean"], stats["channel_std"])):
+        print(f"{c:>8} {m:>9.4f} {s:>9.4f}")
+    print(f"{'all':>8} {stats['mean']:>9.4f} {stats['std']:>9.4f}")
+    if stats["unit_std_scaling_factor"] is not None:
+        print(f"a scaling factor of {stats['unit_std_scaling_factor']:.5f} would give unit std")
+    if not 0.5 <= stats["std"] <= 2.0:
+        print(
+            f"WARNING: the scaled latents have std {stats['std']:.3g}, far from 1: the scaling factor "
+            f"{stats['scaling_factor']} in meta.json is probably wrong for this VAE"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="racedit-extract",
+        description="Encode an image-folder dataset into VAE latent shards, verify them, report their stats.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{extract,verify,stats}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    ex = sub.add_parser(
+        "extract",
+        help="encode an ImageFolder tree into latent shards (resumable; multi-process with torchrun)",
+        description="Encode <data-dir>/<class>/<image> with ADM's center crop and a diffusers AutoencoderKL; "
+        "store mean and std (fp16) of each image and its horizontal flip. Rerun the same command to resume "
+        "after an interruption. Launch with `torchrun --nproc_per_node N -m racedit.data.extract extract ...` "
+        "or `accelerate launch` to use N processes (each takes every N-th shard).",
+        formatter_class=fmt,
+    )
+    ex.add_argument("--data-dir", required=True, help="root of the image folder: <data-dir>/<class>/<image>")
+    ex.add_argument("--out", required=True, help="output directory of the shards (created; reused to resume)")
+    ex.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub id or local folder")
+    ex.add_argument(
+        "--vae-subfolder",
+        default=None,
+        help="subfolder of --vae holding the VAE (auto 'vae' for a full Stable Diffusion pipeline folder)",
+    )
+    ex.add_argument("--resolution", type=int, default=256, help="image side after ADM center crop (256, 512)")
+    ex.add_argument("--batch-size", type=int, default=32, help="images per VAE forward (x2 with flips)")
+    ex.add_argument(
+        "--shard-size", type=int, default=4096, help="images per shard (the unit of resume and of work)"
+    )
+    ex.add_argument(
+        "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes"
+    )
+    ex.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default="fp32", help="VAE compute precision (storage is fp16)"
+    )
+    ex.add_argument(
+        "--scaling-factor",
+        type=float,
+        default=None,
+        help="latent scaling factor to record; default: the VAE config's (0.18215 for SD VAEs)",
+    )
+    ex.add_argument("--cpu", action="store_true", help="encode on the CPU even when a GPU is present")
+    ex.add_argument(
+        "--timeout-hours", type=float, default=12.0, help="how long processes wait for each other at the end"
+    )
+    ex.add_argument(
+        "--throttle",
+        type=float,
+        default=0.0,
+        help="seconds to sleep after each batch (only for testing interruption and resume)",
+    )
+    ex.set_defaults(func=run_extract)
+
+    ve = sub.add_parser(
+        "verify",
+        help="check every shard against the index (counts, shapes, labels, finite values)",
+        description="Check a latent directory: shard headers against meta.json and the index, labels, "
+        "each image exactly once, and (unless --quick) every stored value finite with std >= 0. "
+        "Exit status 1 when a problem is found.",
+        formatter_class=fmt,
+    )
+    ve.add_argument("--root", required=True, help="latent directory written by `racedit-extract extract`")
+    ve.add_argument("--quick", action="store_true", help="check headers and labels only, not every value")
+    ve.set_defaults(func=run_verify)
+
+    st = sub.add_parser(
+        "stats",
+        help="per-channel mean/std of the scaled latents (spot a wrong scaling factor)",
+        description="Per-channel mean and std of the latents as the trainer sees them (one posterior draw, "
+        "random flip, times the scaling factor). A std far from 1 means a wrong scaling factor.",
+        formatter_class=fmt,
+    )
+    st.add_argument("--root", required=True, help="latent directory written by `racedit-extract extract`")
+    st.add_argument("--max-images", type=int, default=10000, help="random subset size (all if fewer)")
+    st.add_argument("--seed", type=int, default=0, help="seed of the subset and of the posterior draws")
+    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    st.set_defaults(func=run_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ExtractError, LatentFormatError) as err:
+        print(f"racedit-extract {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
