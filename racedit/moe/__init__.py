@@ -1,0 +1,17 @@
+"""Mixture-of-Experts feed-forward (Race-DiT): layer, auxiliary losses, learnable threshold, metrics."""
+
+from racedit.moe.config import MoEConfig
+from racedit.moe.layer import MoEFeedForward
+from racedit.moe.losses import aux_losses
+from racedit.moe.metrics import RoutingStats, plot_allocation_heatmap
+from racedit.moe.threshold import Threshold, sync_thresholds
+
+__all__ = [
+    "MoEConfig",
+    "MoEFeedForward",
+    "RoutingStats",
+    "Threshold",
+    "aux_losses",
+    "plot_allocation_heatmap",
+    "sync_thresholds",
+]

@@ -1,0 +1,184 @@
+"""The Mixture-of-Experts feed-forward that fills a DiT block's MLP slot (race-dit.md sections 2-5).
+
+For tokens h (B, L, D), T = B*L:
+
+    u = GELU(h W1 + b1)                   router trunk, (T, D)
+    s = u Wg + bg                         gating-head logits, (T, E)
+    g = G(s)                              gated scores: identity / sigmoid / softmax over E
+    M = strategy(g)                       selection mask (T, E), race-dit.md section 3
+    y_n = sum_e M[n,e] g[n,e] Expert_e(h_n)     no renormalisation, no capacity limit
+
+Decisions (documented here, tested in tests/moe):
+- **Routing scores are the gated values G(s).** Selection and gate weights use the same numbers, so
+  with softmax gating expert race compares softmax probabilities across tokens, and with identity gating
+  the raw logits (the paper's best setting). The RSL and balance loss use softmax(s) of the raw logits, as
+  the spec writes them.
+- Experts are stored stacked: ``w1`` (E, D, H), ``b1`` (E, H), ``w2`` (E, H, D), ``b2`` (E, D), with
+  H = hidden / g (g = ``cfg.split``). All expert compute goes through ``racedit.kernels.dispatch``.
+- Init (``init_weights``, after DiT's xavier init of every nn.Linear): each expert's ``w1[e]`` and ``w2[e]``
+  get xavier-uniform as the equivalent ``nn.Linear`` would, biases zero. The router trunk, gating head and
+  target head keep DiT's xavier-uniform / zero-bias init (gating-head logits then spread over O(1), so
+  identity gates are O(1) and expert race starts with a spread of scores, not ties).
+- The router trunk uses tanh-approximated GELU, like DiT's MLP and the experts.
+- The PLR target head (D -> p*p*C) exists only when ``cfg.plr_weight > 0`` (no unused parameters for DDP
+  otherwise) and runs only in training mode with an ``aux`` container.
+- Eval-mode expert race routes ``g >= tau`` (``cfg.eval_routing="threshold"``) once tau was initialised
+  by at least one training step; before that, and with ``eval_routing="topk"``, it uses the batch top-K.
+  Other strategies route the same way in train and eval mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from racedit.kernels import dispatch
+from racedit.models.aux import ForwardAux
+from racedit.models.ffn import FeedForward
+from racedit.moe.config import MoEConfig
+from racedit.moe.threshold import Threshold, global_kth, in_backward_recompute
+from racedit.routing import get_strategy
+
+GATING = {
+    "identity": lambda s: s,
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda s: torch.softmax(s, dim=-1),
+}
+
+
+class Router(nn.Module):
+    """Trunk ``u = GELU(Linear(D, D))``, gating head ``Linear(D, E)``, optional PLR target head."""
+
+    def __init__(self, dim: int, num_experts: int, target_dim: int | None):
+        super().__init__()
+        self.trunk = nn.Linear(dim, dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.gate = nn.Linear(dim, num_experts)
+        self.target_head = nn.Linear(dim, target_dim) if target_dim else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (T, D) -> (u (T, D), logits s (T, E))."""
+        u = self.act(self.trunk(x))
+        return u, self.gate(u)
+
+
+class MoEFeedForward(FeedForward):
+    """E fine-grained experts (D -> hidden/g -> D), k active per token on average, one routing strategy."""
+
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, layer_index: int, target_dim: int):
+        super().__init__()
+        E, g = cfg.num_experts, cfg.split
+        H = hidden // g
+        if H < 1:
+            raise ValueError(f"hidden size {hidden} split into g={g} parts leaves no expert hidden units")
+        if cfg.gating not in GATING:
+            raise ValueError(f"unknown gating {cfg.gating!r}; choose one of {sorted(GATING)}")
+        self.cfg = cfg
+        self.layer_index = layer_index
+        self.dim, self.expert_hidden, self.num_experts = dim, H, E
+        self.strategy = get_strategy(cfg.router)
+        self.gating = GATING[cfg.gating]
+        self.router = Router(dim, E, target_dim if cfg.plr_weight > 0 else None)
+        self.w1 = nn.Parameter(torch.empty(E, dim, H))  # (E, D, H)
+        self.b1 = nn.Parameter(torch.zeros(E, H))  # (E, H)
+        self.w2 = nn.Parameter(torch.empty(E, H, dim))  # (E, H, D)
+        self.b2 = nn.Parameter(torch.zeros(E, dim))  # (E, D)
+        self.threshold = Threshold(cfg.threshold_decay)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------- init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Experts: xavier-uniform per expert (fan_in, fan_out of its own Linear), zero biases."""
+        E, D, H = self.w1.shape
+        bound = (6.0 / (D + H)) ** 0.5
+        nn.init.uniform_(self.w1, -bound, bound)
+        nn.init.uniform_(self.w2, -bound, bound)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"b1", "b2"}  # stacked biases are 2-D; keep them out of weight decay like other biases
+
+    # ---------------------------------------------------------------------------- forward
+
+    def route(self, scores: Tensor) -> tuple[dispatch.RoutePlan, bool]:
+        """Gated scores (B, L, E) -> (plan over T = B*L tokens, whether the threshold routed)."""
+        use_tau = (
+            not self.training
+            and self.strategy.uses_threshold
+            and self.cfg.eval_routing == "threshold"
+            and self.threshold.initialized
+        )
+        tau = self.threshold.tau.to(scores.dtype) if use_tau else None
+        plan = self.strategy.plan(scores, self.cfg.k, self.cfg.ties, self.cfg.impl, tau=tau)
+        return plan, use_tau
+
+    def forward(self, h: Tensor, aux: ForwardAux | None = None) -> Tensor:
+        B, L, D = h.shape
+        E = self.num_experts
+        x = h.reshape(B * L, D)  # (T, D)
+        u, logits = self.router(x)  # (T, D), (T, E)
+        scores = self.gating(logits)  # (T, E) gated G(s): selection and gates
+        plan, thresholded = self.route(scores.view(B, L, E))
+        y = dispatch.expert_ffn(x, plan, self.w1, self.b1, self.w2, self.b2, self.cfg.impl)  # (T, D)
+
+        recompute = in_backward_recompute()
+        if self.training and plan.kth is not None and not recompute:
+            self.threshold.update(global_kth(scores, self.cfg.k))
+        if aux is not None and not recompute:
+            aux.add(self._record(B, L, logits, scores, plan, u, thresholded))
+        return y.view(B, L, D)
+
+    def _record(
+        self, B: int, L: int, logits: Tensor, scores: Tensor, plan: Any, u: Tensor, thresholded: bool
+    ) -> dict[str, Any]:
+        """One aux record (racedit/moe/losses.py and metrics.py read it)."""
+        E = self.num_experts
+        mask = plan.mask().view(B, L, E)  # (B, L, E) bool
+        record: dict[str, Any] = {
+            "layer": self.layer_index,
+            "router": self.cfg.router,
+            "k": self.cfg.k,
+            "logits": logits,  # (T, E) raw gating-head logits s, with grad (RSL, balance)
+            "mask": mask,  # (B, L, E) bool selection, no grad
+            "counts": plan.counts,  # (E,) int64 tokens per expert
+            "experts_per_sample": mask.sum(-1).float().mean(-1),  # (B,) mean experts per token
+            "tau": self.threshold.tau.detach().clone() if self.strategy.uses_threshold else None,
+            "kth": plan.kth,  # scalar, training-mode expert race only
+            "thresholded": thresholded,
+        }
+        if self.training and self.router.target_head is not None:
+            record["plr_pred"] = self.router.target_head(u).view(B, L, -1)  # (B, L, target_dim)
+        return record
+
+    # ------------------------------------------------------------------------- accounting
+
+    def _expert_params(self) -> int:
+        return self.w1.numel() + self.b1.numel() + self.w2.numel() + self.b2.numel()
+
+    def flops(self, num_tokens: int) -> int:
+        """Router trunk + gating head + k activated experts per token (one MAC = one FLOP)."""
+        D, H, E, k = self.dim, self.expert_hidden, self.num_experts, self.cfg.k
+        return num_tokens * (D * D + D * E + 2 * k * D * H)
+
+    def inactive_params(self) -> int:
+        E, k = self.num_experts, self.cfg.k
+        return self._expert_params() * (E - k) // E
+
+    def training_only_params(self) -> int:
+        head = self.router.target_head
+        return 0 if head is None else sum(p.numel() for p in head.parameters())
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"layer={self.layer_index}, {c.k}in{c.num_experts}, expert_hidden={self.expert_hidden}, "
+            f"router={c.router}, gating={c.gating}, ties={c.ties}"
+        )
+
+
+__all__ = ["GATING", "MoEFeedForward", "Router"]

@@ -1,0 +1,178 @@
+"""Routing metrics and the layer x timestep allocation heatmap (race-dit.md section 6).
+
+- MaxVio = (max_e load_e - mean load) / mean load, per layer.
+- Combination usage: the co-activated expert pairs (i < j) over all tokens, sorted by count descending,
+  normalised, cumulative; the percent of the E(E-1)/2 possible pairs needed to reach 95% of all
+  co-activations (higher = more diverse).
+- Experts per token per layer, and per layer and timestep bucket (10 equal buckets over
+  [0, num_timesteps); the paper's Fig. 6), tau per layer.
+
+``RoutingStats`` accumulates ``ForwardAux`` records over many forwards (training steps or sampling) and
+returns a flat dict of scalars plus the heatmap; everything it keeps is a small CPU tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from racedit.models.aux import ForwardAux
+
+
+def max_violation(counts: Tensor) -> float:
+    """counts (E,) tokens per expert -> MaxVio (0 for perfect balance)."""
+    counts = counts.double()
+    mean = counts.mean()
+    if mean <= 0:
+        return 0.0
+    return float((counts.max() - mean) / mean)
+
+
+def combination_usage(pair_counts: Tensor, coverage: float = 0.95) -> float:
+    """pair_counts (E, E) co-selection counts (M^T M) -> percent of expert pairs covering ``coverage``.
+
+    Only the pairs i < j count. Returns 0 when nothing was co-selected (e.g. k = 1 token choice).
+    """
+    E = pair_counts.shape[0]
+    iu = torch.triu_indices(E, E, offset=1)
+    pairs = pair_counts.double()[iu[0], iu[1]]  # (E(E-1)/2,)
+    total = pairs.sum()
+    if E < 2 or total <= 0:
+        return 0.0
+    cum = torch.cumsum(torch.sort(pairs, descending=True).values / total, 0)
+    needed = int(torch.searchsorted(cum, torch.tensor(coverage - 1e-12, dtype=cum.dtype)).item()) + 1
+    return 100.0 * min(needed, pairs.numel()) / pairs.numel()
+
+
+def timestep_buckets(t: Tensor, num_timesteps: int = 1000, num_buckets: int = 10) -> Tensor:
+    """t (B,) in [0, num_timesteps) (integer or continuous) -> bucket ids (B,) int64 in [0, num_buckets)."""
+    b = torch.floor(t.detach().double() / num_timesteps * num_buckets).long()
+    return b.clamp_(0, num_buckets - 1)
+
+
+class RoutingStats:
+    """Accumulates routing statistics of MoE layers over many forwards.
+
+    ``update(aux)`` after each forward (records of every MoE layer), then ``compute()`` for scalars and
+    ``heatmap()`` / ``save_heatmap(path)`` for the layer x timestep experts-per-token allocation.
+    """
+
+    def __init__(self, num_timesteps: int = 1000, num_buckets: int = 10):
+        self.num_timesteps = num_timesteps
+        self.num_buckets = num_buckets
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: dict[int, Tensor] = {}  # layer -> (E,) float64 selected pairs per expert
+        self.pairs: dict[int, Tensor] = {}  # layer -> (E, E) float64 co-selection
+        self.expert_sum: dict[int, Tensor] = {}  # layer -> (buckets,) sum of experts-per-token over samples
+        self.sample_count: dict[int, Tensor] = {}  # layer -> (buckets,) samples
+        self.tau: dict[int, float] = {}
+
+    @torch.no_grad()
+    def update(self, aux: ForwardAux) -> None:
+        for r in aux.layers:
+            layer = int(r["layer"])
+            mask = r["mask"].detach()  # (B, L, E)
+            B, L, E = mask.shape
+            Mf = mask.reshape(B * L, E).double()
+            if layer not in self.counts:
+                self.counts[layer] = torch.zeros(E, dtype=torch.float64)
+                self.pairs[layer] = torch.zeros(E, E, dtype=torch.float64)
+                self.expert_sum[layer] = torch.zeros(self.num_buckets, dtype=torch.float64)
+                self.sample_count[layer] = torch.zeros(self.num_buckets, dtype=torch.float64)
+            self.counts[layer] += Mf.sum(0).cpu()
+            self.pairs[layer] += (Mf.T @ Mf).cpu()
+            per_sample = r["experts_per_sample"].detach().double().cpu()  # (B,)
+            if aux.t is not None:
+                buckets = timestep_buckets(aux.t.cpu(), self.num_timesteps, self.num_buckets)
+            else:
+                buckets = torch.zeros(B, dtype=torch.long)
+            self.expert_sum[layer].index_add_(0, buckets, per_sample)
+            self.sample_count[layer].index_add_(0, buckets, torch.ones(B, dtype=torch.float64))
+            if r.get("tau") is not None:
+                self.tau[layer] = float(r["tau"])
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.counts)
+
+    def heatmap(self) -> np.ndarray:
+        """(num_layers, num_buckets) mean experts per token; NaN where a bucket saw no sample."""
+        rows = []
+        for layer in self.layers:
+            n = self.sample_count[layer]
+            rows.append(torch.where(n > 0, self.expert_sum[layer] / n.clamp_min(1), float("nan")).numpy())
+        return np.stack(rows) if rows else np.zeros((0, self.num_buckets))
+
+    def compute(self) -> dict[str, float]:
+        """Flat scalars: ``moe/<metric>/layer<i>`` per layer and ``moe/<metric>`` averaged over layers."""
+        out: dict[str, float] = {}
+        per_metric: dict[str, list[float]] = {"maxvio": [], "comb95": [], "experts_per_token": [], "tau": []}
+        for layer in self.layers:
+            n = self.sample_count[layer].sum()
+            values = {
+                "maxvio": max_violation(self.counts[layer]),
+                "comb95": combination_usage(self.pairs[layer]),
+                "experts_per_token": float(self.expert_sum[layer].sum() / n) if n > 0 else float("nan"),
+            }
+            if layer in self.tau:
+                values["tau"] = self.tau[layer]
+            for name, v in values.items():
+                out[f"moe/{name}/layer{layer}"] = v
+                per_metric[name].append(v)
+        for name, vs in per_metric.items():
+            if vs:
+                out[f"moe/{name}"] = float(np.mean(vs))
+        if self.layers:  # per timestep bucket, averaged over layers (every layer sees the same samples)
+            total = sum(self.expert_sum.values())
+            n = sum(self.sample_count.values())
+            for b in range(self.num_buckets):
+                if n[b] > 0:
+                    out[f"moe/experts_per_token/t{b}"] = float(total[b] / n[b])
+        return out
+
+    def save_heatmap(self, path: str | Path, title: str | None = None) -> Path:
+        return plot_allocation_heatmap(
+            self.heatmap(), path, self.num_timesteps, layers=self.layers, title=title
+        )
+
+
+def plot_allocation_heatmap(
+    grid: np.ndarray,
+    path: str | Path,
+    num_timesteps: int = 1000,
+    layers: list[int] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Draw experts per token, layers (rows) x timestep buckets (columns), to a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    grid = np.asarray(grid, dtype=float)
+    if grid.ndim != 2 or grid.size == 0:
+        raise ValueError(f"heatmap needs a non-empty (layers, buckets) array, got shape {grid.shape}")
+    n_layers, n_buckets = grid.shape
+    layers = list(range(n_layers)) if layers is None else layers
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n_buckets, 1.0 + 0.35 * n_layers), dpi=100)
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", origin="upper")
+    edges = np.linspace(0, num_timesteps, n_buckets + 1)
+    ax.set_xticks(range(n_buckets))
+    ax.set_xticklabels([f"{int(edges[i])}" for i in range(n_buckets)], rotation=45, fontsize=7)
+    ax.set_yticks(range(n_layers))
+    ax.set_yticklabels([str(i) for i in layers], fontsize=7)
+    ax.set_xlabel("timestep bucket (start)")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "experts per token")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,128 @@
+"""Routing strategies against a brute-force reference (race-dit.md section 3)."""
+
+import itertools
+
+import pytest
+import torch
+
+from racedit.kernels import dispatch
+from racedit.routing import STRATEGIES, get_strategy, select, topk_mask
+
+OVER = {"token": "E", "expert": "L", "bl": "BL", "be": "BE", "le": "LE", "race": "BLE"}
+
+
+def brute_force(scores: torch.Tensor, over: str, k: int, ties: str) -> torch.Tensor:
+    """Enumerate every group and its candidates explicitly; sort by (-value, flat index)."""
+    B, L, E = scores.shape
+    sizes = {"B": B, "L": L, "E": E}
+    group_size = 1
+    for d in over:
+        group_size *= sizes[d]
+    K = max(1, round(k * group_size / E))
+    indep = [d for d in "BLE" if d not in over]
+    mask = torch.zeros(B, L, E, dtype=torch.bool)
+    for fixed in itertools.product(*[range(sizes[d]) for d in indep]):
+        fix = dict(zip(indep, fixed))
+        cands = []
+        for b, l, e in itertools.product(range(B), range(L), range(E)):
+            if all({"B": b, "L": l, "E": e}[d] == v for d, v in fix.items()):
+                cands.append((-float(scores[b, l, e]), (b * L + l) * E + e, (b, l, e)))
+        cands.sort()
+        kth = -cands[K - 1][0]
+        chosen = cands[:K] if ties == "index" else [c for c in cands if -c[0] >= kth]
+        for _, _, (b, l, e) in chosen:
+            mask[b, l, e] = True
+    return mask
+
+
+def score_cases():
+    g = torch.Generator().manual_seed(0)
+    yield "random", torch.randn(3, 8, 4, generator=g)
+    yield "ties", torch.randint(0, 3, (3, 8, 4), generator=g).float()  # many exact ties
+    yield "equal", torch.zeros(3, 8, 4)
+    yield "signed_zero", torch.tensor([0.0, -0.0]).repeat(48).view(3, 8, 4)
+
+
+@pytest.mark.parametrize("strategy", sorted(OVER))
+@pytest.mark.parametrize("ties", ["index", "all"])
+def test_select_matches_brute_force(strategy, ties):
+    for name, scores in score_cases():
+        got = select(scores, strategy, k=2, ties=ties)
+        want = brute_force(scores, OVER[strategy], 2, ties)
+        assert torch.equal(got, want), f"{strategy}/{ties} differs on {name} scores"
+
+
+def test_counts_per_strategy():
+    B, L, E, k = 3, 8, 4, 2
+    scores = torch.randn(B, L, E, generator=torch.Generator().manual_seed(1))
+    m = {s: select(scores, s, k) for s in OVER}
+    assert (m["token"].sum(-1) == k).all()  # k per token
+    assert (m["expert"].sum(1) == k * L // E).all()  # kL/E per (sample, expert)
+    assert (m["bl"].sum((0, 1)) == B * L * k // E).all()  # per expert
+    assert (m["be"].sum((0, 2)) == B * k).all()  # per position
+    assert (m["le"].sum((1, 2)) == L * k).all()  # per sample
+    assert int(m["race"].sum()) == B * L * k  # exactly K in total
+    for mask in m.values():  # every strategy spends k experts per token on average
+        assert int(mask.sum()) == B * L * k
+
+
+def test_all_equal_scores_race_takes_lowest_flat_indices():
+    B, L, E, k = 2, 4, 4, 1
+    mask = select(torch.zeros(B, L, E), "race", k)
+    flat = mask.reshape(-1)
+    assert flat[: B * L * k].all() and not flat[B * L * k :].any()
+
+
+def test_keep_all_ties_keeps_every_tie():
+    scores = torch.tensor([[[3.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]]])  # (1, 2, 4)
+    exact = select(scores, "race", k=1)  # K = 2: 3.0 and the first 1.0
+    assert int(exact.sum()) == 2 and bool(exact[0, 0, 0]) and bool(exact[0, 0, 1])
+    kept = select(scores, "race", k=1, ties="all")
+    assert torch.equal(kept, scores >= 1.0)  # all four 1.0 entries tie with the K-th value
+    tok = select(scores, "token", k=1, ties="all")
+    assert tok[0, 0].tolist() == [True, False, False, False]
+    assert tok[0, 1].tolist() == [False, True, False, False]
+
+
+def test_kth_value_reported():
+    scores = torch.randn(2, 4, 4)
+    sel = get_strategy("race").select(scores, 2)
+    assert sel.kth.shape == (1,)
+    assert sel.kth[0] == torch.sort(scores.reshape(-1), descending=True).values[2 * 4 * 2 - 1]
+
+
+@pytest.mark.parametrize("ties", ["index", "all"])
+def test_race_plan_equals_select(ties):
+    """The fused dispatch.race_plan used by the layer selects exactly what select('race') selects."""
+    scores = torch.randint(0, 4, (2, 8, 4)).float()
+    plan = get_strategy("race").plan(scores, 2, ties, "torch")
+    assert torch.equal(plan.mask().view(2, 8, 4), select(scores, "race", 2, ties))
+    tau = torch.tensor(2.0)
+    plan = get_strategy("race").plan(scores, 2, ties, "torch", tau=tau)
+    assert torch.equal(plan.mask().view(2, 8, 4), scores >= 2.0)
+
+
+@pytest.mark.parametrize("strategy", sorted(OVER))
+def test_plan_gates_are_the_scores(strategy):
+    scores = torch.randn(2, 8, 4, requires_grad=True)
+    plan = STRATEGIES[strategy].plan(scores, 2, "index", "torch")
+    mask = select(scores.detach(), strategy, 2).view(16, 4)
+    assert torch.equal(plan.mask(), mask)
+    assert torch.equal(plan.sorted_gate, scores.view(16, 4)[plan.sorted_token, plan.sorted_expert])
+    plan.sorted_gate.sum().backward()
+    assert torch.equal(scores.grad.view(16, 4), mask.float())
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown routing strategy"):
+        select(torch.zeros(1, 2, 2), "nope", 1)
+    with pytest.raises(ValueError, match=r"\(B, L, E\)"):
+        select(torch.zeros(2, 2), "race", 1)
+    with pytest.raises(ValueError, match="NaN"):
+        topk_mask(torch.tensor([[float("nan"), 1.0]]), 1)
+
+
+def test_dispatch_plan_from_mask_roundtrip():
+    mask = select(torch.randn(2, 4, 4), "token", 2).view(8, 4)
+    plan = dispatch.plan_from_mask(mask, torch.ones(8, 4), "torch")
+    assert torch.equal(plan.mask(), mask) and int(plan.counts.sum()) == 16
