@@ -1,0 +1,217 @@
+"""Training-step time and peak memory of each residual-stream variant relative to the residual DiT.
+
+Every variant is the same small DiT (same weights where they share names) with a different connection
+(connections.md: HC, dynamic HC, FC, dynamic FC, mHC). One training step = forward, MSE loss,
+backward, AdamW step. Timing is interleaved round-robin over the variants (warm-up, repeats, median;
+both wall-clock and process CPU time), so machine drift hits every variant alike. On a CPU shared with
+other processes the CPU-time ratio is the steadier one; both are printed.
+
+Peak memory of a step:
+- CPU: the largest amount of tensor memory allocated during one step beyond what was live before it,
+  read from the PyTorch profiler's allocation events (``profile_memory=True``; each allocation event
+  carries the CPU allocator's running total). Not tracemalloc: it does not see tensor storage, which
+  PyTorch allocates outside Python's allocator.
+- CUDA: ``torch.cuda.max_memory_allocated`` over one step minus the memory allocated before it.
+
+    python -m bench.connections                       # CPU, the default small DiT
+    python -m bench.connections --variants HCx2,FCx4 --repeats 11
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop chatter off stderr
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import racedit  # noqa: E402
+from bench.common import print_table, synchronize  # noqa: E402
+from racedit.models.dit import DiT  # noqa: E402
+from racedit.models.registry import parse_connection  # noqa: E402
+
+DEFAULT_VARIANTS = "HCx1,HCx2,HCx4,DHCx2,DHCx4,FCx2,FCx4,DFCx2,DFCx4,mHCx2,mHCx4"
+
+
+def build_variants(names: list[str], args: argparse.Namespace) -> dict[str, DiT]:
+    """The residual DiT and one model per connection suffix, all sharing the residual model's weights."""
+    kw = dict(
+        input_size=args.input_size,
+        num_classes=10,
+        hidden_size=args.hidden_size,
+        depth=args.depth,
+        num_heads=args.num_heads,
+    )
+    torch.manual_seed(0)
+    residual = racedit.build_model("DiT-S/2", **kw)
+    with torch.no_grad():  # non-zero gates, so every sublayer does real work in forward and backward
+        for name, p in residual.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                p.normal_(0, 0.02)
+    models = {"residual": residual}
+    for suffix in names:
+        model = racedit.build_model("DiT-S/2", connection=parse_connection(suffix), **kw)
+        model.load_state_dict(residual.state_dict(), strict=False)
+        models[suffix] = model
+    return {name: m.to(args.device).train() for name, m in models.items()}
+
+
+def make_step(model: DiT, args: argparse.Namespace) -> Callable[[], None]:
+    """One training step on a fixed random batch (forward, MSE, backward, AdamW)."""
+    g = torch.Generator().manual_seed(1)
+    B, C, S = args.batch_size, model.arch.in_channels, args.input_size
+    x = torch.randn(B, C, S, S, generator=g).to(args.device)
+    t = torch.randint(0, 1000, (B,), generator=g).to(args.device)
+    y = torch.randint(0, 10, (B,), generator=g).to(args.device)
+    target = torch.randn(B, model.arch.out_channels, S, S, generator=g).to(args.device)
+    opt = torch.optim.AdamW(model.optimizer_param_groups(0.0), lr=1e-4)
+
+    def step() -> None:  # self-contained: the gradients it allocates are freed before it returns
+        torch.nn.functional.mse_loss(model(x, t, y), target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_step_memory(step: Callable[[], None], device: str) -> int:
+    """Bytes of tensor memory allocated at the peak of one step beyond what was live before it."""
+    if device.startswith("cuda"):
+        synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []  # (time, bytes allocated (+) or freed (-), the allocator's running total after it)
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            fields = node.extra_fields
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+        stack.extend(node.children)
+    if not events:
+        raise RuntimeError("the profiler recorded no CPU allocations; this torch build cannot measure memory")
+    events.sort()
+    before = events[0][2] - events[0][1]  # the running total is not reset between profiling sessions
+    return max(total for _, _, total in events) - before
+
+
+def interleaved_wall_and_cpu(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall-clock and process-CPU seconds per step, measured round-robin over the variants.
+
+    On a shared CPU, wall time also counts the time other processes hold the cores; process CPU time
+    (with one intra-op thread) counts only this step's work, memory stalls included. On CUDA the CPU time
+    is meaningless (the host waits): read the wall ratio there.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in tqdm(range(repeats), desc="timing rounds", leave=False):
+        for name, step in steps.items():
+            synchronize()
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            synchronize()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return (
+        {n: statistics.median(v) for n, v in wall.items()},
+        {n: statistics.median(v) for n, v in cpu.items()},
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Training-step time and peak memory of hyper/frac/mHC connection variants relative to "
+        "the residual DiT of the same size, measured side by side in one run (ratios, medians of "
+        "interleaved repeats)."
+    )
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"comma-separated connection suffixes of the registry (default {DEFAULT_VARIANTS})",
+    )
+    parser.add_argument("--hidden-size", type=int, default=256, help="model width D (default 256)")
+    parser.add_argument("--depth", type=int, default=4, help="number of DiT blocks (default 4)")
+    parser.add_argument("--num-heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument(
+        "--input-size", type=int, default=16, help="latent side; patch 2 gives (side/2)^2 tokens (default 16)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per training step (default 8)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds over all variants (default 9)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op CPU threads (default 1: steadier on a shared CPU)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="'cpu' (default) or 'cuda'; the table header names the machine"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = [s.strip() for s in args.variants.split(",") if s.strip()]
+
+    models = build_variants(names, args)
+    steps = {name: make_step(model, args) for name, model in models.items()}
+    memory = {}
+    for name, step in tqdm(steps.items(), desc="peak memory", leave=False):
+        step()  # optimizer state exists before measuring
+        memory[name] = peak_step_memory(step, args.device)
+    wall, cpu = interleaved_wall_and_cpu(steps, args.repeats, args.warmup)
+
+    base_params = sum(p.numel() for p in models["residual"].parameters())
+    base_flops = models["residual"].flops(args.batch_size)
+    rows = []
+    for name, model in models.items():
+        extra = sum(p.numel() for p in model.parameters()) - base_params
+        rows.append(
+            [
+                name,
+                f"{1e3 * cpu[name]:.1f}",
+                cpu[name] / cpu["residual"],
+                wall[name] / wall["residual"],
+                f"{memory[name] / 2**20:.1f}",
+                memory[name] / memory["residual"],
+                f"+{extra:,}",
+                model.flops(args.batch_size) / base_flops,
+            ]
+        )
+    L = (args.input_size // 2) ** 2
+    print_table(
+        f"Connections: one training step vs the residual DiT (D={args.hidden_size}, depth={args.depth}, "
+        f"L={L} tokens, batch={args.batch_size}, {args.device}; medians of {args.repeats} interleaved repeats; "
+        f"peak memory: {'profiler allocation events' if args.device == 'cpu' else 'CUDA allocator'})",
+        [
+            "variant",
+            "step CPU ms",
+            "CPU-time ratio",
+            "wall ratio",
+            "peak MiB",
+            "memory ratio",
+            "extra params",
+            "FLOP ratio",
+        ],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
