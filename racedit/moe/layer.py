@@ -113,7 +113,7 @@ class MoEFeedForward(FeedForward):
             and self.cfg.eval_routing == "threshold"
             and self.threshold.initialized
         )
-        tau = self.threshold.tau.to(scores.dtype) if use_tau else None
+        tau = self.threshold.tau if use_tau else None  # fp32; compared with the scores in fp32
         plan = self.strategy.plan(scores, self.cfg.k, self.cfg.ties, self.cfg.impl, tau=tau)
         return plan, use_tau
 

@@ -37,8 +37,9 @@ def in_backward_recompute() -> bool:
 
 
 def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of a flat tensor (scalar)."""
-    return torch.topk(values.reshape(-1), k, sorted=True).values[-1]
+    """The k-th largest entry of a flat tensor (scalar): the (n - k + 1)-th smallest, one selection pass."""
+    flat = values.reshape(-1)
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
 
 
 def global_kth(scores: Tensor, k_per_token: int) -> Tensor:

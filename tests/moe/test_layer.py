@@ -213,3 +213,12 @@ def test_gradient_checkpointing_updates_tau_once_and_records_once():
     assert len(aux.layers) == 2  # the recomputation in backward adds no records
     assert [int(b.mlp.threshold.updates) for b in model.blocks] == [1, 1]
     assert model.blocks[0].mlp.w1.grad is not None
+
+
+def test_every_nth_block_is_moe():
+    torch.manual_seed(0)
+    model = build_model("RaceDiT-B/2-2in8", **TINY, moe={"every": 2})
+    assert [type(b.mlp).__name__ for b in model.blocks] == ["Mlp", "MoEFeedForward"]
+    aux = ForwardAux()
+    model(*batch(B=2), aux)
+    assert [r["layer"] for r in aux.layers] == [1]
