@@ -194,6 +194,7 @@ def make_or_check_plan(out: Path, data_dir: Path, settings: dict[str, Any]) -> d
     write_json(
         out / FILES_FILE,
         {"class_names": listing.class_names, "files": listing.files, "ignored": listing.ignored},
+        indent=None,  # 1.28M entries for ImageNet: keep it compact
     )
     plan = {
         "format": FORMAT_NAME,

@@ -102,8 +102,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         pass
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n"))
+def write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
+    """Atomic JSON write; ``indent=None`` for big files (compact)."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
