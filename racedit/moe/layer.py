@@ -128,13 +128,13 @@ class MoEFeedForward(FeedForward):
 
         recompute = in_backward_recompute()
         if self.training and plan.kth is not None and not recompute:
-            self.threshold.update(global_kth(scores, self.cfg.k))
+            self.threshold.update(global_kth(scores, self.cfg.k, local_kth=plan.kth))
         if aux is not None and not recompute:
-            aux.add(self._record(B, L, logits, scores, plan, u, thresholded))
+            aux.add(self._record(B, L, logits, plan, u, thresholded))
         return y.view(B, L, D)
 
     def _record(
-        self, B: int, L: int, logits: Tensor, scores: Tensor, plan: Any, u: Tensor, thresholded: bool
+        self, B: int, L: int, logits: Tensor, plan: dispatch.RoutePlan, u: Tensor, thresholded: bool
     ) -> dict[str, Any]:
         """One aux record (racedit/moe/losses.py and metrics.py read it)."""
         E = self.num_experts

@@ -42,12 +42,16 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     return torch.kthvalue(flat, flat.numel() - k + 1).values
 
 
-def global_kth(scores: Tensor, k_per_token: int) -> Tensor:
-    """T_K of the global batch: scores (T, E) local, detached; K = k * (sum of T over ranks)."""
+def global_kth(scores: Tensor, k_per_token: int, local_kth: Tensor | None = None) -> Tensor:
+    """T_K of the global batch: scores (T, E) local, detached; K = k * (sum of T over ranks).
+
+    On a single process this is the local T_K; ``local_kth`` (the routing's own K-th value, when the
+    selection already computed it) is then returned as is, with no second selection pass.
+    """
     scores = scores.detach().float()
     T = scores.shape[0]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return kth_largest(scores, k_per_token * T)
+        return local_kth.detach().float() if local_kth is not None else kth_largest(scores, k_per_token * T)
     world = dist.get_world_size()
     sizes = torch.tensor([scores.numel()], device=scores.device)
     all_sizes = [torch.zeros_like(sizes) for _ in range(world)]

@@ -112,6 +112,12 @@ def test_uninitialised_threshold_falls_back_to_topk():
     assert not aux.layers[0]["thresholded"] and int(aux.layers[0]["counts"].sum()) == 20
 
 
+def _ddp_layer_and_input(rank: int):
+    torch.manual_seed(0)
+    layer = MoEFeedForward(8, 32, MoEConfig(num_experts=4, k=2), 0, 4)
+    return layer, torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(10 + rank))
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
     import torch.distributed as dist
 
@@ -124,9 +130,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
     g = torch.Generator().manual_seed(rank)
     logits = torch.randn(6, 3, generator=g)
     mask = torch.rand(6, 3, generator=g) > 0.5
-    queue.put(
-        (rank, float(kth), float(router_similarity_loss(logits, mask)), float(balance_loss(logits, mask)))
-    )
+    layer, h = _ddp_layer_and_input(rank)
+    layer(h)  # training forward: tau <- T_K of both ranks' scores together
+    rsl, bal = float(router_similarity_loss(logits, mask)), float(balance_loss(logits, mask))
+    queue.put((rank, float(kth), rsl, bal, float(layer.threshold.tau)))
     dist.destroy_process_group()
 
 
@@ -151,6 +158,15 @@ def test_threshold_and_rsl_use_the_global_batch(tmp_path):
     L, Mk = torch.cat(logits), torch.cat(masks)
     assert math.isclose(sum(r[2] for r in results) / 2, float(router_similarity_loss(L, Mk)), rel_tol=1e-5)
     assert math.isclose(sum(r[3] for r in results) / 2, float(balance_loss(L, Mk)), rel_tol=1e-5)
+    # The layer's tau on every rank is the K-th value of the union of both ranks' scores (K = 2 * 12).
+    scores = []
+    for rank in range(2):
+        layer, h = _ddp_layer_and_input(rank)
+        scores.append(layer.router(h.view(6, 8))[1].detach())
+    want_tau = torch.sort(torch.cat(scores).reshape(-1), descending=True).values[2 * 12 - 1]
+    assert all(math.isclose(r[4], float(want_tau), rel_tol=1e-6) for r in results)
+    local_tau = torch.sort(scores[0].reshape(-1), descending=True).values[2 * 6 - 1]
+    assert not math.isclose(float(local_tau), float(want_tau))  # the check can tell local from global
 
 
 if __name__ == "__main__":  # pragma: no cover
