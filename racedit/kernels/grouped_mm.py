@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from racedit.kernels.reference import RoutePlan, combine
+from racedit.kernels.reference import RoutePlan, _apply_gate, combine
 
 
 def supports(x: Tensor, w1: Tensor) -> str | None:
@@ -42,5 +42,5 @@ def expert_ffn(x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b
     )
     h = F.gelu(z, approximate="tanh")  # (K, H)
     o = torch._grouped_mm(h, w2.to(x.dtype), offs=offs) + b2.to(x.dtype).index_select(0, plan.sorted_expert)
-    y = (o.float() * plan.sorted_gate.float().unsqueeze(1)).to(x.dtype)  # (K, D)
+    y = _apply_gate(o, plan.sorted_gate)  # (K, D)
     return combine(y, plan)

@@ -73,6 +73,8 @@ class _GatherGates(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gate: Tensor):  # type: ignore[override]
         (slot,) = ctx.saved_tensors
+        if grad_gate.numel() == 0:  # nothing routed
+            return grad_gate.new_zeros(slot.shape), None, None
         routed = slot >= 0  # (T, E)
         picked = grad_gate.index_select(0, slot.clamp(min=0).view(-1)).view(slot.shape)  # (T, E)
         return torch.where(routed, picked, picked.new_zeros(())), None, None
@@ -209,6 +211,12 @@ class _GatherRows(torch.autograd.Function):
             return combine(grad_rows, ctx.plan), None
 
 
+def _apply_gate(y: Tensor, gate: Tensor) -> Tensor:
+    """y (K, D) * gate (K,) computed in at least fp32, returned in y's dtype."""
+    acc = torch.promote_types(y.dtype, torch.float32)
+    return (y.to(acc) * gate.to(acc).unsqueeze(1)).to(y.dtype)
+
+
 def expert_ffn(x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """``out[t] = sum_e gate[t,e] * (GELU_tanh(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e])`` over selected pairs.
 
@@ -228,7 +236,8 @@ def expert_ffn(x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b
         h = F.gelu(torch.addmm(b1_e, chunk, w1_e), approximate="tanh")  # (K_e, H)
         outs.append(torch.addmm(b2_e, h, w2_e))  # (K_e, D)
     if not outs:  # nothing routed: zeros, still connected to every parameter (zero gradients)
-        return x.new_zeros(T, D) + 0 * (w1.sum() + w2.sum() + b1.sum() + b2.sum() + plan.sorted_gate.sum())
+        connect = sum(p[:0].sum() for p in (x, w1, b1, w2, b2, plan.sorted_gate))  # exact 0, no inf*0
+        return x.new_zeros(T, D) + connect
     y = torch.cat(outs) if len(outs) > 1 else outs[0]  # (K, D)
-    y = (y.float() * plan.sorted_gate.float().unsqueeze(1)).to(x.dtype)  # gate in fp32 on the way out
+    y = _apply_gate(y, plan.sorted_gate)  # gate in (at least) fp32 on the way out
     return combine(y, plan)

@@ -1,0 +1,174 @@
+"""The PyTorch reference of the routing layout and expert computation, against independent oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from racedit.kernels import dispatch, grouped_mm, reference
+
+
+def oracle_race(scores: torch.Tensor, k: int, ties: str) -> torch.Tensor:
+    v = scores.double().flatten().numpy()
+    order = np.lexsort((np.arange(v.size), -v))  # value descending, then flat index ascending
+    mask = np.zeros(v.size, dtype=bool)
+    mask[order[:k]] = True
+    if ties == "all":
+        mask |= v >= v[order[k - 1]]
+    return torch.from_numpy(mask).view(scores.shape)
+
+
+def naive_moe(x, mask, gates, w1, b1, w2, b2):
+    """Every expert on every token, masked: (T, E, D) intermediate, the obvious formula."""
+    h = F.gelu(torch.einsum("td,edh->teh", x, w1) + b1, approximate="tanh")
+    o = torch.einsum("teh,ehd->ted", h, w2) + b2  # (T, E, D)
+    return (o * (gates * mask)[..., None]).sum(1)
+
+
+def check_layout(plan: reference.RoutePlan, mask: torch.Tensor, gates: torch.Tensor) -> None:
+    T, E = mask.shape
+    assert torch.equal(plan.mask(), mask)
+    assert torch.equal(plan.counts, mask.sum(0))
+    assert torch.equal(plan.offsets, torch.cat([torch.zeros(1, dtype=torch.long), mask.sum(0).cumsum(0)]))
+    K = int(mask.sum())
+    assert plan.sorted_token.shape == (K,) and plan.slot.shape == (T, E)
+    # slot is the inverse map of (sorted_token, sorted_expert)
+    assert torch.equal(plan.slot[plan.sorted_token, plan.sorted_expert], torch.arange(K))
+    assert torch.equal(plan.sorted_gate, gates[plan.sorted_token, plan.sorted_expert])
+    for e in range(E):
+        lo, hi = plan.offsets[e].item(), plan.offsets[e + 1].item()
+        assert torch.all(plan.sorted_expert[lo:hi] == e)
+        assert torch.all(plan.sorted_token[lo:hi][1:] > plan.sorted_token[lo:hi][:-1])
+
+
+def test_plan_from_mask_layout():
+    g = torch.Generator().manual_seed(0)
+    for T, E, p in [(37, 5, 0.3), (20, 3, 0.0), (16, 4, 1.0)]:
+        mask = torch.rand(T, E, generator=g) < p
+        gates = torch.randn(T, E, generator=g)
+        check_layout(reference.plan_from_mask(mask, gates), mask, gates)
+
+
+@pytest.mark.parametrize("ties", ["index", "all"])
+def test_race_plan_matches_oracle_on_ties_zeros_and_negatives(ties):
+    g = torch.Generator().manual_seed(1)
+    heavy = torch.randint(-2, 2, (60, 7), generator=g).float()
+    signed_zero = torch.where(torch.rand(60, 7, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
+    for scores in (heavy, signed_zero, torch.randn(60, 7, generator=g) - 5.0, torch.full((60, 7), 3.0)):
+        for k in (1, 33, 120, 419, 420):
+            plan = reference.race_plan(scores, k_total=k, ties=ties)
+            want = oracle_race(scores, k, ties)
+            check_layout(plan, want, scores)
+            assert plan.kth == scores.flatten().sort(descending=True).values[k - 1]
+            if ties == "index":
+                assert plan.num_pairs == k
+
+
+def test_race_plan_rejects_nan_and_bad_arguments():
+    s = torch.randn(8, 4)
+    s[2, 1] = float("nan")
+    for kwargs in (dict(k_total=4), dict(tau=0.0)):
+        with pytest.raises(ValueError, match="NaN"):
+            reference.race_plan(s, **kwargs)
+    with pytest.raises(ValueError, match="exactly one"):
+        dispatch.race_plan(torch.randn(8, 4), k_total=4, tau=0.0)
+    with pytest.raises(ValueError, match="k must be"):
+        reference.race_plan(torch.randn(8, 4), k_total=33)
+
+
+def test_threshold_compares_in_fp32():
+    s = torch.tensor([[0.1, 0.2], [0.3, -0.1]]).bfloat16()  # 0.1 is not a bf16 number
+    tau = 0.1
+    plan = dispatch.race_plan(s, tau=tau, impl="torch")
+    assert torch.equal(plan.mask(), s.float() >= tau)
+    assert plan.kth is None
+
+
+def test_combine_is_lean_exact_and_deterministic():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(40, 6, generator=g)
+    scores[5] = -50.0  # token 5 gets no expert
+    plan = reference.race_plan(scores, k_total=70)
+    y = torch.randn(70, 16, generator=g)
+    out = reference.combine(y, plan)
+    dense = torch.zeros(40, 6, 16)
+    dense[plan.sorted_token, plan.sorted_expert] = y
+    assert torch.allclose(out, dense.sum(1), atol=1e-6)
+    assert torch.equal(out[5], torch.zeros(16))
+    assert torch.equal(out, reference.combine(y.clone(), plan))  # bitwise repeatable
+    slot_out = reference._combine_by_slot(y, plan.slot)  # the CUDA-side formulation
+    assert torch.allclose(slot_out, out, atol=1e-6)
+
+
+def make_params(T=48, D=16, E=5, H=24, dtype=torch.float64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(T, D), (T, E), (E, D, H), (E, H), (E, H, D), (E, D)]
+    return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def test_expert_ffn_forward_and_gradients_match_naive():
+    x, s, w1, b1, w2, b2 = make_params()
+    plan = reference.race_plan(s, k_total=96)
+    out = reference.expert_ffn(x, plan, w1, b1, w2, b2)
+    want = naive_moe(x, plan.mask().to(x.dtype), s, w1, b1, w2, b2)
+    assert torch.allclose(out, want, atol=1e-10)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (x, s, w1, b1, w2, b2))
+    ref = torch.autograd.grad((want * g).sum(), (x, s, w1, b1, w2, b2))
+    for name, a, b in zip(("x", "scores", "w1", "b1", "w2", "b2"), got, ref):
+        assert torch.allclose(a, b, atol=1e-10), name
+
+
+def test_expert_ffn_gradcheck_small():
+    x, s, w1, b1, w2, b2 = make_params(T=6, D=3, E=3, H=4)
+
+    def f(x, s, w1, b1, w2, b2):
+        plan = reference.race_plan(s, k_total=7)
+        return reference.expert_ffn(x, plan, w1, b1, w2, b2)
+
+    assert torch.autograd.gradcheck(f, (x, s, w1, b1, w2, b2))
+
+
+def test_expert_ffn_with_nothing_routed_is_zero_with_zero_gradients():
+    x, s, w1, b1, w2, b2 = make_params(T=8, D=4, E=3, H=4)
+    plan = reference.plan_from_mask(torch.zeros(8, 3, dtype=torch.bool), s)
+    out = reference.expert_ffn(x, plan, w1, b1, w2, b2)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    for p in (x, s, w1, b1, w2, b2):
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_grouped_mm_path_matches_reference_and_names_alignment_errors():
+    x, s, w1, b1, w2, b2 = [p.detach().float().requires_grad_() for p in make_params(D=16, H=32)]
+    plan = reference.race_plan(s, k_total=100)
+    out = dispatch.expert_ffn(x, plan, w1, b1, w2, b2, impl="grouped_mm")
+    want = reference.expert_ffn(x, plan, w1, b1, w2, b2)
+    assert torch.allclose(out, want, atol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), (x, s, w1, w2), retain_graph=True)
+    ref = torch.autograd.grad((want * g).sum(), (x, s, w1, w2))
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, atol=1e-4)
+    x3 = torch.randn(48, 6)
+    w3 = torch.randn(5, 6, 24)
+    assert "16-byte" in grouped_mm.supports(x3, w3)
+    with pytest.raises(ValueError, match="16-byte"):
+        dispatch.expert_ffn(
+            x3, plan, w3, b1.float(), torch.randn(5, 24, 6), torch.randn(5, 6), impl="grouped_mm"
+        )
+
+
+def test_dispatch_routes_cpu_to_reference_and_refuses_triton_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    s = torch.randn(16, 4)
+    auto = dispatch.race_plan(s, k_total=10)
+    ref = reference.race_plan(s, k_total=10)
+    assert torch.equal(auto.slot, ref.slot) and torch.equal(auto.kth, ref.kth)
+    assert not dispatch.use_triton(s, "auto")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.race_plan(s, k_total=10, impl="triton")
+    with pytest.raises(ValueError, match="impl must be"):
+        dispatch.race_plan(s, k_total=10, impl="cuda")  # type: ignore[arg-type]
