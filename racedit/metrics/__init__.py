@@ -1,0 +1,1 @@
+"""Offline quality metrics for the demo (digits) runs."""

@@ -1,0 +1,59 @@
+"""Exponential moving average of a model's weights and floating buffers, kept in fp32.
+
+``ema <- decay * ema + (1 - decay) * live`` for every parameter and every floating-point buffer
+(the routing thresholds ``tau`` included, so the EMA model routes with a threshold that moves as
+slowly as its weights). Integer buffers (e.g. a threshold's update counter) are copied.
+With ``thresholds="live"`` the EMA model takes the live model's thresholds instead
+(``racedit.moe.threshold.sync_thresholds``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Holds an fp32 copy of ``model`` (eval mode, no gradients) and updates it in place."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, thresholds: str = "ema"):
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup = warmup
+        self.thresholds = thresholds
+
+    def decay_at(self, step: int) -> float:
+        """The decay used for the update after optimizer step ``step`` (0-based)."""
+        if self.warmup:
+            return min(self.decay, (1 + step) / (10 + step))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = self.decay_at(step)
+        live_params = dict(model.named_parameters())
+        ema_f, live_f = [], []
+        for name, p in self.model.named_parameters():
+            ema_f.append(p)
+            live_f.append(live_params[name].detach().float())
+        live_buffers = dict(model.named_buffers())
+        for name, b in self.model.named_buffers():
+            src = live_buffers[name].detach()
+            if b.is_floating_point():
+                ema_f.append(b)
+                live_f.append(src.float())
+            else:
+                b.copy_(src)
+        torch._foreach_lerp_(ema_f, live_f, 1.0 - decay)  # e + (1 - decay) * (p - e)
+        if self.thresholds == "live":
+            from racedit.moe.threshold import sync_thresholds
+
+            sync_thresholds(self.model, model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=True)

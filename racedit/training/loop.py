@@ -1,0 +1,628 @@
+"""The training loop: build everything from a ``RunConfig``, optionally resume, train, export.
+
+Reads top to bottom (``Trainer.run``):
+
+1. checks that fail fast, before any step: output dir writable, dataset present, data shape == model;
+2. builds the model (registry name + overrides, shapes from the dataset), objective, EMA (fp32), AdamW
+   with the model's parameter groups, warmup + constant/cosine LR, the per-process batch stream;
+3. resumes model, EMA, optimizer, scheduler, step, data position and every RNG from a checkpoint;
+4. each step: ``grad_accum`` micro-batches of ``L = L_diffusion + sum(MoE aux terms)`` (race-dit.md
+   sections 4-5; the MoE layers record into a ``ForwardAux``), backward, global-norm clip, AdamW step,
+   EMA update; the loss is averaged over processes before it is checked for NaN/inf and logged;
+5. every N steps: logged scalars, a labelled sample grid from the EMA model, routing metrics and the
+   layer x timestep heatmap (MoE), a checkpoint;
+6. at the end: a checkpoint, the EMA model exported with ``sampling.json`` (what ``sample.py`` reads), a
+   final grid, the loss curve and, for the digits demo, the offline quality report.
+
+Determinism: model init draws from ``seed``; process ``r`` draws its diffusion noise from a private
+generator seeded ``seed + r`` and its label dropout from the global RNG seeded ``seed + r``; the data
+order comes from ``seed`` and the epoch (``BatchStream``). All of these are checkpointed, so on CPU a
+resumed run is bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from racedit.config.core import ConfigError, to_dict
+from racedit.models import DiT, ForwardAux, ModelConfig, resolve_model_config, save_model
+from racedit.models.loading import model_kwargs
+from racedit.training import checkpoint as ckpt
+from racedit.training.config import RunConfig
+from racedit.training.data import BatchStream
+from racedit.training.ema import EMA
+from racedit.training.logging import (
+    JsonlWriter,
+    ScalarWindow,
+    flat_hparams,
+    plot_loss_curve,
+    read_jsonl,
+    trim_after,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or inf; training stopped before applying the step."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed from (different model, missing, unreadable)."""
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def check_output_dir(path: Path) -> Path:
+    """Create ``path`` and prove it is writable, or say which directory is not and why."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"output directory {str(path)!r} is not writable ({err.strerror or err}); "
+            "choose another with train.output_dir=PATH"
+        ) from None
+    return path
+
+
+def resolve_run_model(model_section: dict[str, Any], dataset: Any, objective_kind: str) -> ModelConfig:
+    """The ``model:`` section -> ModelConfig. ``input_size``, ``in_channels`` and ``num_classes`` default to
+    the dataset's; ``learn_sigma`` defaults to the objective's (DDPM learns sigma, flow matching does not).
+    A dataset whose sample shape differs from explicitly given model sizes is an error naming both."""
+    section = dict(model_section)
+    name = section.pop("name", None)
+    C, H, W = (int(v) for v in dataset.sample_shape)
+    if H != W:
+        raise ConfigError(f"the dataset's samples are {H}x{W}; the DiT needs square inputs")
+    defaults = {"input_size": H, "in_channels": C, "num_classes": int(dataset.num_classes)}
+    for key, value in defaults.items():
+        given = section.get(key)
+        if given is not None and given != value:
+            raise ConfigError(
+                f"the dataset does not match the model: data samples have shape (C, H, W) = ({C}, {H}, {W}) "
+                f"and {dataset.num_classes} classes, but model.{key} = {given} (dataset value: {value}). "
+                f"Remove model.{key} to take it from the data, or use the data this model was meant for"
+            )
+        section[key] = value
+    section.setdefault("learn_sigma", objective_kind == "ddpm")
+    return resolve_model_config(name, **section)
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """LR multiplier after ``step`` optimizer steps: linear warmup, then constant or cosine."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested dicts differ, as ``key: a -> b``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += config_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} (checkpoint) vs {b!r} (now)"]
+
+
+@dataclass
+class TrainResult:
+    step: int
+    output_dir: Path
+    export_dir: Path | None
+    last_checkpoint: Path | None
+    final_loss: float | None
+    skipped_steps: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """One training run. ``Trainer(cfg).run(resume="auto")``; see the module docstring for the order."""
+
+    def __init__(self, cfg: RunConfig, resume: str | None = None):
+        self.cfg = cfg
+        self.resume_arg = resume
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # ------------------------------------------------------------------ setup
+
+    def log(self, message: str) -> None:
+        """A message from the main process (tqdm-safe)."""
+        if self.accelerator.is_main_process:
+            tqdm.write(f"[racedit-train] {message}")
+
+    def setup(self) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        trackers = [t for t in self.cfg.log.trackers if t]
+        for t in trackers:
+            if t not in ("tensorboard", "wandb"):
+                raise ConfigError(f"log.trackers: unknown tracker {t!r}; use tensorboard and/or wandb")
+        moe = (cfg.model.get("moe") is not None) or str(cfg.model.get("name", "")).startswith("RaceDiT")
+        self.accelerator = Accelerator(
+            mixed_precision=tc.mixed_precision,
+            log_with=trackers or None,
+            project_dir=str(self.out / "logs"),
+            # An expert can receive no token in a step, so its parameters get no gradient.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe)],
+        )
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.device = acc.device
+        if tc.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        # 1. checks that fail before any step
+        if acc.is_main_process:
+            check_output_dir(self.out)
+        acc.wait_for_everyone()
+        per_step = tc.global_batch_size // self.world
+        if tc.global_batch_size % (self.world * tc.grad_accum):
+            raise ConfigError(
+                f"train.global_batch_size {tc.global_batch_size} is not divisible by processes x grad_accum "
+                f"= {self.world} x {tc.grad_accum}"
+            )
+        self.micro_batch = per_step // tc.grad_accum
+
+        from racedit.data import build_dataset
+
+        self.dataset = build_dataset(cfg.data, split="train")
+        from racedit.diffusion import build_objective
+
+        self.model_cfg = resolve_run_model(cfg.model, self.dataset, cfg.diffusion.objective)
+        self.objective = build_objective(cfg.diffusion, learn_sigma=self.model_cfg.learn_sigma)
+
+        # 2. model, EMA, optimizer, schedule, data (same init on every process)
+        torch.manual_seed(tc.seed)
+        model = DiT(**model_kwargs(self.model_cfg)).to(self.device)
+        if tc.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup, thresholds=tc.ema_thresholds)
+        fused = tc.fused if tc.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            model.optimizer_param_groups(tc.weight_decay),
+            lr=tc.lr,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_eps,
+            fused=fused or None,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps, tc.lr_schedule, tc.min_lr_ratio),
+        )
+        self.stream = BatchStream(
+            self.dataset,
+            self.micro_batch,
+            seed=tc.seed,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        # Per-process randomness: label dropout (global RNG) and diffusion noise (private generator).
+        torch.manual_seed(tc.seed + self.rank)
+        np.random.seed(tc.seed + self.rank)  # noqa: NPY002 (seed the legacy global RNG others use)
+        random.seed(tc.seed + self.rank)
+        self.noise = torch.Generator(device=self.device).manual_seed(tc.seed + self.rank)
+        self.step = 0
+        self.skipped = 0
+
+        # 3. resume (before Accelerate wraps anything)
+        self.resumed_from = self.resume(model, optimizer)
+
+        if tc.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.raw_model: DiT = acc.unwrap_model(self.model)
+        if self.raw_model.arch.moe is not None:
+            from racedit.moe import RoutingStats
+
+            dc = cfg.diffusion  # the model's time axis: DDPM steps, or flow time x time_scale
+            span = dc.num_timesteps if dc.objective == "ddpm" else dc.time_scale
+            self.routing = RoutingStats(num_timesteps=int(span))
+        else:
+            self.routing = None
+        counts = self.raw_model.param_counts()
+        self.log(
+            f"model: {cfg.model.get('name', 'custom')} ({counts['block_params_total'] / 1e6:.2f}M block params, "
+            f"{counts['block_params_activated'] / 1e6:.2f}M activated), {self.objective.describe()}, "
+            f"{len(self.dataset)} training samples of shape {tuple(self.dataset.sample_shape)}, "
+            f"{self.world} process(es) x {self.micro_batch} x {tc.grad_accum} accumulation = "
+            f"{tc.global_batch_size} per step"
+        )
+
+    def resume(self, model: DiT, optimizer: torch.optim.Optimizer) -> Path | None:
+        arg = self.resume_arg
+        if arg in (None, "", "none", "never"):
+            return None
+        if arg == "auto":
+            path = ckpt.find_resumable(self.ckpt_dir, self.log)
+            if path is None:
+                self.log(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
+                return None
+        else:
+            path = Path(arg)
+            if not path.is_dir():
+                raise ResumeError(f"--resume {arg}: no such checkpoint directory")
+            try:
+                ckpt.verify(path)
+            except ckpt.CheckpointCorrupt as err:
+                raise ResumeError(f"--resume {arg}: {err}") from None
+        loaded = ckpt.read_checkpoint(path, self.rank)
+        saved = yaml.safe_load(loaded.config_yaml)
+        diffs = config_differences(saved.get("model_resolved"), to_dict(self.model_cfg))
+        if diffs:
+            raise ResumeError(
+                f"refusing to resume from {path}: its model config differs from this run's: {'; '.join(diffs)}. "
+                "Resume with the checkpoint's model config, or start a new run in another train.output_dir"
+            )
+        diffs = config_differences(saved.get("run", {}).get("diffusion"), to_dict(self.cfg.diffusion))
+        if diffs:
+            raise ResumeError(
+                f"refusing to resume from {path}: the diffusion objective differs: {'; '.join(diffs)}"
+            )
+        model.load_state_dict(loaded.model, strict=True)
+        self.ema.load_state_dict(loaded.ema)
+        optimizer.load_state_dict(loaded.optimizer)
+        self.scheduler.load_state_dict(loaded.scheduler)
+        state = loaded.state
+        self.step = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
+        self.stream.load_state_dict(state["data"])
+        if loaded.rng is not None and int(state.get("world_size", 1)) == self.world:
+            ckpt.set_rng_state(loaded.rng, self.noise)
+        else:
+            self.log(
+                f"checkpoint was written by {state.get('world_size')} process(es), this run has {self.world}: "
+                "RNG streams restart from the seed (the run continues, but not bitwise as it would have)"
+            )
+        self.log(f"resumed from {path} at step {self.step}")
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch: diffusion loss + the MoE auxiliary terms (weights from the MoE config)."""
+        aux = ForwardAux() if self.raw_model.arch.moe is not None else None
+        out = self.objective.training_loss(self.model, x, y, aux=aux, generator=self.noise)
+        terms = {"loss_diffusion": out.loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
+        total = out.loss
+        if aux is not None:
+            from racedit.moe import aux_losses
+
+            aux_terms = aux_losses(aux, self.raw_model.patchify(out.target), self.raw_model.arch.moe)
+            for name, value in aux_terms.items():
+                total = total + value
+                terms[f"loss_{name}"] = value.detach()
+            if self.routing is not None:  # before backward: checkpointed recomputation appends records again
+                self.routing.update(ForwardAux(t=aux.t, layers=list(aux.layers)))
+        return total, terms
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; returns the scalars averaged over processes (None when skipped)."""
+        tc = self.cfg.train
+        acc = self.accelerator
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(tc.grad_accum):
+            x, y = next(self.stream)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else acc.no_sync(self.model)
+            with sync:
+                loss, terms = self.compute_loss(x, y)
+                acc.backward(loss / tc.grad_accum)
+            terms = {"loss": loss.detach(), **terms}
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / tc.grad_accum
+        names = sorted(sums)
+        local = torch.stack([sums[k] for k in names])  # (T,) this process's means
+        gathered = acc.gather(local[None])  # (world, T)
+        scalars = dict(zip(names, gathered.mean(0).tolist()))
+        if self.cfg.log.per_rank:
+            self.rank_log.write(
+                {"step": self.step + 1, "rank": self.rank, **dict(zip(names, local.tolist()))}
+            )
+        # The global gradient norm (after DDP's all-reduce): the same on every process.
+        clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        scalars["grad_norm"] = float(grad_norm)
+        # fp16: an inf gradient norm is the loss scaler's overflow signal (it skips that step itself).
+        grad_ok = math.isfinite(scalars["grad_norm"]) or tc.mixed_precision == "fp16"
+        if not (math.isfinite(scalars["loss"]) and grad_ok):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = f"loss = {scalars['loss']}, gradient norm = {scalars['grad_norm']}"
+            if tc.nonfinite == "stop":
+                last = ckpt.list_checkpoints(self.ckpt_dir)
+                raise NonFiniteLossError(
+                    f"non-finite training step {self.step + 1} ({what}; terms "
+                    f"{ {k: v for k, v in scalars.items() if k.startswith('loss_')} }). Training stopped before "
+                    f"applying it; the last good checkpoint is {last[0] if last else 'none (none was written yet)'}. "
+                    "Lower train.lr, set train.max_grad_norm, or set train.nonfinite=skip to skip such steps"
+                )
+            self.skipped += 1
+            self.consecutive_skips += 1
+            self.log(f"step {self.step + 1}: {what}; skipped ({self.skipped} so far)")
+            if self.consecutive_skips > tc.max_skipped:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_skips} non-finite steps in a row (train.max_skipped = {tc.max_skipped}); "
+                    "the run has diverged. Lower train.lr or set train.max_grad_norm"
+                )
+            self.scheduler.step()
+            self.step += 1
+            return None
+        self.consecutive_skips = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.raw_model, self.step)
+        self.step += 1
+        scalars["lr"] = self.scheduler.get_last_lr()[0]
+        return scalars
+
+    # ------------------------------------------------------------------ periodic work
+
+    def save(self) -> Path:
+        acc = self.accelerator
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        config_yaml = yaml.safe_dump(
+            {"run": to_dict(self.cfg), "model_resolved": to_dict(self.model_cfg)}, sort_keys=False
+        )
+        path = ckpt.save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            model=self.raw_model,
+            ema_model=self.ema.model,
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(),
+            rng=ckpt.rng_state(self.noise),
+            state={"data": self.stream.state_dict(), "skipped": self.skipped, "time": time.time()},
+            config_yaml=config_yaml,
+            keep_last=self.cfg.train.keep_last,
+            dist=ckpt.Distributed(acc.process_index, acc.num_processes, acc.wait_for_everyone),
+        )
+        self.last_checkpoint = path
+        return path
+
+    def class_names(self) -> list[str] | None:
+        names = getattr(self.dataset, "class_names", None)
+        return list(names) if names is not None else None
+
+    def decoder(self):
+        """Model space -> images in [-1, 1]: identity for pixel data, the VAE for latents (None if absent)."""
+        if getattr(self.dataset, "space", "pixel") == "pixel":
+            return None
+        if not hasattr(self, "_decode"):
+            from racedit.sampling.vae import load_vae, vae_decoder
+
+            meta = getattr(self.dataset, "meta", {}) or {}
+            vae = load_vae(meta.get("vae", "stabilityai/sd-vae-ft-ema"), device=self.device)
+            self._decode = vae_decoder(vae, float(meta.get("scaling_factor", 0.18215)))
+        return self._decode
+
+    def sample_images(self, model: torch.nn.Module, labels: list[int], seed: int) -> torch.Tensor:
+        """uint8 (N, H, W, 3) samples of ``labels`` with fixed per-sample seeds (training RNG untouched)."""
+        from racedit.sampling import generate
+
+        sc = self.cfg.sample
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return generate(
+                model,
+                labels,
+                objective=self.objective,
+                sampler=sc.sampler or self.objective.samplers[0],
+                steps=sc.steps,
+                cfg_scale=sc.cfg_scale,
+                seed=seed,
+                decode=self.decoder(),
+                batch_size=sc.batch_size,
+            )
+
+    def grid_labels(self) -> list[int]:
+        sc = self.cfg.sample
+        n = self.model_cfg.num_classes
+        bad = [c for c in sc.classes if not 0 <= c < n]
+        if bad:
+            raise ConfigError(f"sample.classes {bad} are not classes of this dataset (0..{n - 1})")
+        return [c for c in sc.classes for _ in range(sc.per_class)]
+
+    def write_grid(self, name: str) -> Path | None:
+        """A labelled grid from the EMA model (main process); skipped with a note if the VAE is unavailable."""
+        if not self.accelerator.is_main_process:
+            return None
+        from racedit.sampling import save_grid
+
+        labels = self.grid_labels()
+        try:
+            images = self.sample_images(self.ema.model, labels, self.cfg.sample.seed)
+        except Exception as err:  # e.g. VAE weights missing offline: training goes on
+            from racedit.sampling.vae import VAEError
+
+            if not isinstance(err, VAEError):
+                raise
+            self.log(f"sample grid skipped: {err}")
+            return None
+        nrow = self.cfg.sample.per_class if self.cfg.sample.per_class > 1 else None  # one row per class
+        return save_grid(images, labels, self.class_names(), self.out / "samples" / f"{name}.png", nrow=nrow)
+
+    def log_routing(self) -> dict[str, float]:
+        if self.routing is None or not self.routing.layers:
+            return {}
+        scalars = self.routing.compute()
+        if self.accelerator.is_main_process:
+            self.routing.save_heatmap(
+                self.out / "routing" / f"heatmap_{self.step:08d}.png",
+                title=f"experts per token, layer x timestep (step {self.step})",
+            )
+        self.routing.reset()
+        return {k: v for k, v in scalars.items() if "/layer" not in k}
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> TrainResult:
+        self.setup()
+        cfg, tc, lc = self.cfg, self.cfg.train, self.cfg.log
+        acc = self.accelerator
+        main = acc.is_main_process
+        self.last_checkpoint = self.resumed_from
+        self.consecutive_skips = 0
+        metrics_path = self.out / "logs" / "metrics.jsonl"
+        if main and self.step == 0 and metrics_path.exists():
+            metrics_path.unlink()
+        elif main:
+            trim_after(metrics_path, self.step)
+        self.metrics = JsonlWriter(metrics_path, enabled=main)
+        self.rank_log = JsonlWriter(self.out / "logs" / f"rank{self.rank}.jsonl", enabled=lc.per_rank)
+        if lc.trackers:
+            acc.init_trackers(lc.project, config=flat_hparams(to_dict(cfg)))
+        window = ScalarWindow()
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.step,
+            disable=not (main and lc.progress),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        t_window, steps_window = time.perf_counter(), 0
+        last_scalars: dict[str, float] = {}
+        t_start = time.perf_counter()
+        try:
+            while self.step < tc.max_steps:
+                if tc.time_limit_minutes is not None and self.out_of_time(t_start):
+                    self.log(
+                        f"train.time_limit_minutes = {tc.time_limit_minutes} reached at step {self.step}"
+                    )
+                    break
+                scalars = self.train_step()
+                bar.update(1)
+                if scalars is not None:
+                    window.add(scalars)
+                    steps_window += 1
+                step = self.step
+                if step % lc.every == 0 or step == tc.max_steps:
+                    logged = window.pop()
+                    elapsed = time.perf_counter() - t_window
+                    logged["images_per_s"] = steps_window * tc.global_batch_size / max(elapsed, 1e-9)
+                    logged["skipped_steps"] = self.skipped
+                    if self.routing is not None and (
+                        step % lc.moe_metrics_every == 0 or step == tc.max_steps
+                    ):
+                        logged.update(self.log_routing())
+                    acc.log(logged, step=step)
+                    self.metrics.write({"step": step, **logged})
+                    if "loss" in logged:
+                        bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_s']:.0f}")
+                    last_scalars = logged
+                    t_window, steps_window = time.perf_counter(), 0
+                if cfg.sample.every and step % cfg.sample.every == 0 and step < tc.max_steps:
+                    self.write_grid(f"step_{step:08d}")
+                if step % tc.checkpoint_every == 0 and step < tc.max_steps:
+                    self.save()
+            bar.close()
+            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(
+                ckpt.checkpoint_name(self.step)
+            ):
+                self.save()
+            result = self.finish(last_scalars)
+        finally:
+            bar.close()
+            if lc.trackers:
+                acc.end_training()
+        return result
+
+    def out_of_time(self, t_start: float) -> bool:
+        """Every process takes the main process's decision, so all stop at the same step."""
+        over = (time.perf_counter() - t_start) / 60.0 > float(self.cfg.train.time_limit_minutes or 0.0)
+        flag = torch.tensor([float(over)], device=self.device)
+        return bool(self.accelerator.reduce(flag, "max").item() > 0)
+
+    def finish(self, last_scalars: dict[str, float]) -> TrainResult:
+        """Export the EMA model (+ sampling.json), the final grid, the loss curve and the demo report."""
+        acc = self.accelerator
+        export_dir, report = None, {}
+        if acc.is_main_process:
+            export_dir = save_model(self.ema.model, self.out / "final")
+            from racedit.sampling import write_sampling_meta
+
+            meta = getattr(self.dataset, "meta", {}) or {}
+            space = getattr(self.dataset, "space", "pixel")
+            write_sampling_meta(
+                export_dir,
+                space=space,
+                vae=meta.get("vae", "stabilityai/sd-vae-ft-ema") if space == "latent" else None,
+                scaling_factor=float(meta.get("scaling_factor", 0.18215)),
+                diffusion=to_dict(self.cfg.diffusion),
+                class_names=self.class_names(),
+                image_size=int(
+                    meta.get("image_size", self.model_cfg.input_size * (8 if space == "latent" else 1))
+                ),
+            )
+            self.log(f"exported the EMA model to {export_dir} (racedit-sample / sample.py reads it)")
+            if self.cfg.sample.final_grid:
+                grid = self.write_grid("final")
+                if grid is not None:
+                    self.log(f"sample grid: {grid}")
+            if self.cfg.log.loss_curve:
+                curve = plot_loss_curve(
+                    read_jsonl(self.out / "logs" / "metrics.jsonl"), self.out / "logs" / "loss.png"
+                )
+                if curve is not None:
+                    self.log(f"loss curve: {curve}")
+            if self.cfg.sample.report_per_class > 0:
+                report = self.quality_report()
+        acc.wait_for_everyone()
+        return TrainResult(
+            step=self.step,
+            output_dir=self.out,
+            export_dir=export_dir,
+            last_checkpoint=self.last_checkpoint,
+            final_loss=last_scalars.get("loss"),
+            skipped_steps=self.skipped,
+            report=report,
+        )
+
+    def quality_report(self) -> dict[str, Any]:
+        """The offline demo metrics (``racedit.metrics.demo``) on samples of every class from the EMA model."""
+        from racedit.metrics.demo import demo_report
+
+        def sample_fn(labels: list[int], seed: int) -> torch.Tensor:
+            return self.sample_images(self.ema.model, labels, seed)
+
+        report = demo_report(
+            self.cfg.data,
+            sample_fn,
+            per_class=self.cfg.sample.report_per_class,
+            seed=self.cfg.sample.seed + 10_000,
+            out_dir=self.out / "report",
+            log=self.log,
+        )
+        return report
+
+
+def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
+    """Run ``cfg`` (optionally resuming: "auto", a checkpoint directory, or None)."""
+    return Trainer(cfg, resume).run()
