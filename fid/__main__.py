@@ -1,0 +1,259 @@
+"""``racedit-fid`` / ``python -m fid``: evaluate samples, build reference batches, make the leaderboard.
+
+Examples:
+  racedit-fid eval samples/DiT-XL-2/ --ref VIRTUAL_imagenet256_labeled.npz
+  accelerate launch -m fid eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # several GPUs
+  racedit-fid ref /data/imagenet/train --image-size 256 --out ref_imagenet256.npz
+  racedit-fid leaderboard samples/ --out-dir assets/leaderboard
+  racedit-fid weights                      # where the Inception weights are (or how to get them)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fid.weights import ENV_VAR, WEIGHTS_URL, InceptionWeightsError
+
+
+def _add_network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network and feature extraction")
+    g.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        default=None,
+        help=f"the 2015-12-05 Inception weights (.pth, SHA-256 checked); default: ${ENV_VAR}, then "
+        f"$TORCH_HOME/hub/checkpoints/ under either known name. Never downloaded: fetch {WEIGHTS_URL}",
+    )
+    g.add_argument(
+        "--random-inception",
+        metavar="SEED",
+        type=int,
+        default=None,
+        help="use a seeded randomly initialised Inception instead of the weights (smoke tests only: "
+        "the numbers are not FIDs and the leaderboard ignores such records)",
+    )
+    g.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass per process")
+    g.add_argument("--device", default=None, help="torch device (default: the process's GPU, else CPU)")
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="for image folders: centre-crop every image to this size with ADM's preprocessing "
+        "(BOX halving, BICUBIC resize, centre crop); needed when the images differ in size",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, help="image-decoding threads for folders (default min(8, CPUs))"
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="feature cache folder (default $RACEDIT_FID_CACHE, else ~/.cache/racedit/fid); keyed by the "
+        "content hash of the input and the network",
+    )
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _build_model(args: argparse.Namespace):
+    from fid.inception import InceptionFeatures
+
+    if args.random_inception is not None:
+        return InceptionFeatures.random_init(args.random_inception)
+    return InceptionFeatures.from_weights(args.inception_weights)
+
+
+def _extract_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "cache_dir": args.cache_dir,
+        "use_cache": not args.no_cache,
+        "progress": not args.no_progress,
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fid.data import FolderImages, open_images
+    from fid.evaluate import evaluate
+    from fid.record import parse_meta
+
+    model = _build_model(args)
+    src = open_images(args.samples, image_size=args.image_size, settings_path=args.settings)
+    if isinstance(src, FolderImages) and args.workers is not None:
+        src.workers = args.workers
+    out = evaluate(
+        src,
+        args.ref,
+        model,
+        is_split_size=args.is_split_size,
+        pr_k=args.pr_k,
+        pr_chunk=args.pr_chunk,
+        pr_precision=args.pr_precision,
+        kid=args.kid,
+        meta=parse_meta(args.meta),
+        record_path=args.out,
+        write=False,
+        **_extract_kwargs(args),
+    )
+    if out is None:  # not process 0
+        return 0
+    result, record = out
+    from fid.record import default_record_path, write_record
+
+    path = write_record(record, args.out or default_record_path(args.samples, args.ref))
+    if not model.is_reference_network:
+        print("WARNING: random-init Inception: these numbers are not FIDs", file=sys.stderr)
+    rows = [
+        ("FID", result.fid),
+        ("sFID", result.sfid),
+        ("Inception Score", result.inception_score),
+        ("IS std (splits)", result.inception_score_std),
+        ("Precision", result.precision),
+        ("Recall", result.recall),
+    ]
+    if result.kid is not None:
+        rows += [("KID (not ADM)", result.kid), ("KID std", result.kid_std)]
+    print(f"{result.num_samples} samples vs {result.num_ref_images} reference images ({args.ref})")
+    for name, value in rows:
+        print(f"{name:>16}: {value:.4f}")
+    print(f"record: {path}")
+    return 0
+
+
+def cmd_ref(args: argparse.Namespace) -> int:
+    from fid.reference import build_reference
+
+    model = _build_model(args)
+    out = build_reference(
+        args.source,
+        args.out,
+        model,
+        num_ref_images=args.num_ref_images,
+        seed=args.seed,
+        image_size=args.image_size,
+        **_extract_kwargs(args),
+    )
+    print(f"reference batch: {out}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from fid.leaderboard import write_leaderboard
+
+    paths = write_leaderboard(args.records, args.out_dir, include_published=not args.no_published)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from fid.weights import resolve_inception_weights, verify_weights
+
+    path = resolve_inception_weights(args.inception_weights)
+    print(json.dumps({"path": str(path), "sha256": verify_weights(path)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="racedit-fid",
+        description="ADM-protocol evaluation (FID, sFID, IS, precision/recall; KID optional) on torch-fidelity's "
+        "InceptionV3 port, reference batches and the leaderboard. Spec: evaluation.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="evaluate samples against a reference batch; writes a JSON record")
+    p.add_argument(
+        "samples",
+        help="an ADM-format .npz (arr_0 uint8 N,H,W,3), a sample.py output folder (one .npz + JSON record) "
+        "or a folder of PNG images",
+    )
+    p.add_argument(
+        "--ref",
+        required=True,
+        help="reference batch .npz in ADM's format (e.g. VIRTUAL_imagenet256_labeled.npz, or one made by "
+        "`racedit-fid ref`)",
+    )
+    p.add_argument("--out", default=None, help="record path (default: <samples>/fid-<ref>.fid.json)")
+    p.add_argument(
+        "--settings", default=None, help="the sample.py JSON record (default: found next to the .npz)"
+    )
+    p.add_argument(
+        "--meta",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set or override a record column (model, params_total, params_activated, train_iterations, "
+        "train_batch_size, vae, objective, sampler, sampling_steps, cfg_scale, cfg_interval, cfg_channels, "
+        "label_sampling, quantisation, model_weights_sha256, checkpoint, notes); repeatable",
+    )
+    p.add_argument(
+        "--kid", action="store_true", help="also compute KID (outside the ADM protocol, labelled so)"
+    )
+    p.add_argument(
+        "--is-split-size",
+        type=int,
+        default=5000,
+        help="Inception Score split size (ADM: 5000 -> 10 splits of 50k)",
+    )
+    p.add_argument(
+        "--pr-k", type=int, default=3, help="k of the k-NN manifolds for precision/recall (ADM: 3)"
+    )
+    p.add_argument(
+        "--pr-chunk",
+        type=int,
+        default=10000,
+        help="block size of the pairwise distances (memory ~ chunk^2 floats; results do not depend on it)",
+    )
+    p.add_argument(
+        "--pr-precision",
+        choices=("adm", "fp32"),
+        default="adm",
+        help="distance arithmetic: 'adm' = ADM's float16 blocks with float32 fallback; 'fp32' = float32",
+    )
+    _add_network_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ref", help="build a reference batch (ADM .npz format) from a folder of images")
+    p.add_argument("source", help="folder of images (recursive) or an .npz with arr_0")
+    p.add_argument("--out", required=True, help="output .npz (arr_0, mu, sigma, mu_s, sigma_s, racedit_meta)")
+    p.add_argument(
+        "--num-ref-images",
+        type=int,
+        default=10000,
+        help="images kept as arr_0 for precision/recall (ADM: 10,000); statistics use all images",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
+    _add_network_args(p)
+    p.set_defaults(func=cmd_ref)
+
+    p = sub.add_parser("leaderboard", help="gather records into a markdown table, a CSV and a plot")
+    p.add_argument(
+        "records", nargs="*", default=[], help="*.fid.json records or folders searched recursively"
+    )
+    p.add_argument("--out-dir", default="assets/leaderboard", help="where leaderboard.{md,csv,png} go")
+    p.add_argument(
+        "--no-published", action="store_true", help="leave out the published rows of evaluation.md"
+    )
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("weights", help="resolve and verify the Inception weights file (never downloads)")
+    p.add_argument("--inception-weights", metavar="PATH", default=None, help="check this file instead")
+    p.set_defaults(func=cmd_weights)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InceptionWeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
