@@ -162,7 +162,7 @@ def compare_ffn(params, route, atol, rtol, what, ref_params=None):
 def group_ffn() -> None:
     g = torch.Generator().manual_seed(2)
     race = lambda k: lambda s, impl: dispatch.race_plan(s, k_total=k, impl=impl)  # noqa: E731
-    for T, D, E, H, k in [(96, 32, 5, 48, 2), (130, 64, 8, 128, 3), (64, 16, 3, 16, 1)]:
+    for T, D, E, H, k in [(96, 32, 5, 48, 2), (130, 32, 8, 64, 3), (64, 16, 3, 16, 1)]:
         params = make_params(T, D, E, H, torch.float32, g)
         compare_ffn(params, race(k * T), 1e-5, 1e-5, f"fp32 T={T} D={D} E={E} H={H}")
     params = make_params(80, 32, 4, 32, torch.float32, g)
