@@ -48,6 +48,13 @@ def to_uint8(images: Tensor, quantization: Quantization = "dit") -> Tensor:
     return x.permute(0, 2, 3, 1).contiguous().cpu()
 
 
+def sample_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of one model-space sample; ``arch.input_size`` is a side length or an (H, W) pair."""
+    size = model.arch.input_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return model.arch.in_channels, h, w
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -68,9 +75,9 @@ def sample_batch(
     """One batch: labels (B,) -> model-space samples (B, C, H, W) float32 on the model's device."""
     arch = model.arch
     device = _model_device(model)
-    C, S = arch.in_channels, arch.input_size
+    C = arch.in_channels
     labels = labels.to(device).long()
-    x = per_sample_randn((C, S, S), generators, device)  # first draw of every sample's stream
+    x = per_sample_randn(sample_shape(model), generators, device)  # first draw of every sample's stream
 
     def denoise(x: Tensor, t_model: float) -> Tensor:
         t = torch.full((x.shape[0],), t_model, device=device, dtype=torch.float32)
@@ -176,8 +183,7 @@ def sample_latents(
             seed, first_index, batch_size, progress, autocast_dtype, sampler_options,
         )
     ]  # fmt: skip
-    C, S = model.arch.in_channels, model.arch.input_size
-    return torch.cat(outs) if outs else torch.empty(0, C, S, S)
+    return torch.cat(outs) if outs else torch.empty(0, *sample_shape(model))
 
 
 def generate(
