@@ -1,6 +1,6 @@
 """Triton-vs-reference checks run under TRITON_INTERPRET=1 in a subprocess (kernels.md, "Testing").
 
-Usage: ``python tests/kernels/interp_checks.py GROUP`` (GROUP: routing, edges, ffn, ffn_bf16). The
+Usage: ``python tests/kernels/interp_checks.py GROUP`` (GROUP: routing, edges, ffn, ffn_bf16, layer). The
 interpreter must be switched on before the kernels are defined, and an out-of-bounds access can kill
 the process, so pytest runs each group here in its own interpreter and reads the exit status.
 """
@@ -191,7 +191,33 @@ def group_ffn_bf16() -> None:
     print("OK ffn_bf16")
 
 
-GROUPS = {"routing": group_routing, "edges": group_edges, "ffn": group_ffn, "ffn_bf16": group_ffn_bf16}
+def group_layer() -> None:
+    """The MoE layer (the kernels' one consumer) through impl="triton" equals impl="torch"."""
+    from racedit.moe import MoEConfig, MoEFeedForward
+
+    for router in ("race", "token"):
+        results = {}
+        for impl in ("torch", "triton"):
+            torch.manual_seed(0)
+            cfg = MoEConfig(num_experts=6, k=2, router=router, impl=impl)
+            layer = MoEFeedForward(32, 128, cfg, 0, 16).train()
+            h = torch.randn(2, 24, 32, requires_grad=True)
+            y = layer(h)
+            y.square().sum().backward()
+            results[impl] = [y.detach(), h.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
+        assert len(results["torch"]) == len(results["triton"]) > 2
+        for a, b in zip(results["torch"], results["triton"]):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"MoE layer ({router}) differs between impls"
+    print("OK layer")
+
+
+GROUPS = {
+    "routing": group_routing,
+    "edges": group_edges,
+    "ffn": group_ffn,
+    "ffn_bf16": group_ffn_bf16,
+    "layer": group_layer,
+}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(GROUPS):
