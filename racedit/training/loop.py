@@ -161,13 +161,17 @@ class Trainer:
         for t in trackers:
             if t not in ("tensorboard", "wandb"):
                 raise ConfigError(f"log.trackers: unknown tracker {t!r}; use tensorboard and/or wandb")
-        moe = (cfg.model.get("moe") is not None) or str(cfg.model.get("name", "")).startswith("RaceDiT")
+        # Accelerate only forms a CPU process group (gloo) under torchrun when told cpu=True.
+        cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
+            cpu=cpu_ddp,
             mixed_precision=tc.mixed_precision,
             log_with=trackers or None,
             project_dir=str(self.out / "logs"),
-            # An expert can receive no token in a step, so its parameters get no gradient.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe)],
+            # static_graph: the PLR target heads get their gradient from a loss computed outside the
+            # model's output (DDP would otherwise mark them unused in forward, then ready again in backward),
+            # and gradient checkpointing re-enters blocks; the set of parameters used is the same every step.
+            kwargs_handlers=[DistributedDataParallelKwargs(static_graph=True)],
         )
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes

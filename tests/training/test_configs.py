@@ -1,0 +1,102 @@
+"""Every shipped run config loads and resolves to the model it documents; overrides and unknown keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from racedit.config.core import ConfigError
+from racedit.models import resolve_model_config
+from racedit.training.config import load_run_config
+from racedit.training.loop import lr_lambda
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def resolved(path: Path):
+    cfg = load_run_config(path)
+    section = dict(cfg.model)
+    return cfg, resolve_model_config(section.pop("name", None), **section)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_run_config_loads(path: Path) -> None:
+    cfg, model = resolved(path)
+    assert cfg.train.max_steps >= 1
+    if path.parent.name == "ablation" and path.stem != "dense_b2":
+        assert model.moe is not None and model.hidden_size == 768 and model.depth == 12
+        assert (model.moe.k, model.moe.num_experts) in ((2, 8), (4, 32))
+        assert cfg.train.global_batch_size == 256
+
+
+def test_ablation_covers_every_router_gating_and_component() -> None:
+    seen = {}
+    for path in (CONFIGS / "ablation").glob("gating_*.yaml"):
+        _, m = resolved(path)
+        seen[(m.moe.router, m.moe.gating)] = m.moe
+        assert m.moe.plr_weight == 0 and m.moe.rsl_weight == 0 and m.moe.eval_routing == "topk"
+    assert set(seen) == {
+        (r, g)
+        for r in ("token", "expert", "bl", "be", "le", "race")
+        for g in ("softmax", "sigmoid", "identity")
+    }
+    steps = [resolved(p)[1].moe for p in sorted((CONFIGS / "ablation").glob("components_*.yaml"))]
+    assert [(s.gating, s.eval_routing, s.plr_weight > 0, s.rsl_weight > 0) for s in steps] == [
+        ("softmax", "topk", False, False),
+        ("identity", "topk", False, False),
+        ("identity", "threshold", False, False),
+        ("identity", "threshold", True, False),
+        ("identity", "threshold", True, True),
+    ]
+    balance = {p.stem: resolved(p)[1] for p in (CONFIGS / "ablation").glob("balance_*.yaml")}
+    assert all((m.moe.k, m.moe.num_experts) == (4, 32) for m in balance.values())
+    assert balance["balance_loss"].moe.balance_weight > 0 and balance["balance_rsl"].moe.rsl_weight > 0
+    assert balance["balance_none"].moe.balance_weight == 0 == balance["balance_none"].moe.rsl_weight
+    assert resolved(CONFIGS / "ablation" / "dense_b2.yaml")[1].moe is None
+
+
+def test_paper_recipes() -> None:
+    cfg, m = resolved(CONFIGS / "recipes" / "racedit_xl2_4in32.yaml")
+    assert (m.depth, m.hidden_size, m.moe.k, m.moe.num_experts) == (28, 1152, 4, 32)
+    assert cfg.train.global_batch_size == 1024 and cfg.train.lr == 1e-4 and cfg.train.ema_decay == 0.9999
+    cfg, m = resolved(CONFIGS / "recipes" / "dit_xl2.yaml")
+    assert m.moe is None and cfg.train.global_batch_size == 1024
+
+
+def test_accelerate_configs_parse() -> None:
+    kinds = {
+        p.stem: yaml.safe_load(p.read_text())["distributed_type"]
+        for p in (CONFIGS / "accelerate").glob("*.yaml")
+    }
+    assert kinds == {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp": "FSDP"}
+
+
+def test_overrides_and_unknown_keys() -> None:
+    cfg = load_run_config(
+        CONFIGS / "demo.yaml", ["train.lr=3e-4", "model.moe.router=token", "log.trackers=[]"]
+    )
+    assert cfg.train.lr == 3e-4 and cfg.model["moe"]["router"] == "token" and cfg.log.trackers == []
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_run_config(CONFIGS / "demo.yaml", ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="train.max_steps must be >= 1"):
+        load_run_config(CONFIGS / "demo.yaml", ["train.max_steps=0"])
+
+
+def test_lr_schedule() -> None:
+    assert [lr_lambda(s, 4, 100, "constant", 0.0) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_lambda(4, 4, 104, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_lambda(54, 4, 104, "cosine", 0.1) == pytest.approx(0.55)
+    assert lr_lambda(104, 4, 104, "cosine", 0.1) == pytest.approx(0.1)
+
+
+def test_cli_help_explains_flags(capsys) -> None:
+    from racedit.cli.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--config", "--resume", "--print-config", "key=value"):
+        assert flag in out
