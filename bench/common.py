@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 
 def machine_description() -> str:
@@ -61,3 +62,60 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
+def peak_step_memory(step: Callable[[], None], device: str) -> int:
+    """Bytes of tensor memory allocated at the peak of one step beyond what was live before it."""
+    if device.startswith("cuda"):
+        synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []  # (time, bytes allocated (+) or freed (-), the allocator's running total after it)
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            fields = node.extra_fields
+            events.append((node.start_time_ns, fields.alloc_size, fields.total_allocated))
+        stack.extend(node.children)
+    if not events:
+        raise RuntimeError("the profiler recorded no CPU allocations; this torch build cannot measure memory")
+    events.sort()
+    before = events[0][2] - events[0][1]  # the running total is not reset between profiling sessions
+    return max(total for _, _, total in events) - before
+
+
+def interleaved_wall_and_cpu(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall-clock and process-CPU seconds per step, measured round-robin over the variants.
+
+    On a shared CPU, wall time also counts the time other processes hold the cores; process CPU time
+    (with one intra-op thread) counts only this step's work, memory stalls included. On CUDA the CPU time
+    is meaningless (the host waits): read the wall ratio there.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in tqdm(range(repeats), desc="timing rounds", leave=False):
+        for name, step in steps.items():
+            synchronize()
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            synchronize()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return (
+        {n: statistics.median(v) for n, v in wall.items()},
+        {n: statistics.median(v) for n, v in cpu.items()},
+    )
