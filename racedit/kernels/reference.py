@@ -144,12 +144,32 @@ def race_plan(
     if tau is not None:
         tau32 = torch.as_tensor(tau, dtype=torch.float32, device=scores.device)
         return plan_from_mask(scores.detach().float() >= tau32, scores)
-    from racedit.routing.topk import topk_mask
-
-    mask, kth = topk_mask(scores.reshape(1, -1), k_total, ties)
-    plan = plan_from_mask(mask.view_as(scores), scores)
-    plan.kth = kth[0]
+    mask, kth = race_mask(scores.detach(), k_total, ties)
+    plan = plan_from_mask(mask, scores)
+    plan.kth = kth
     return plan
+
+
+def race_mask(scores: Tensor, k_total: int, ties: Ties = "index") -> tuple[Tensor, Tensor]:
+    """(T, E) selection of the expert race and the K-th largest score, without a full sort.
+
+    The same cut the kernel makes: everything above the K-th value is in; of the entries equal to it
+    the lowest flat indices fill the remaining places (``ties="index"``) or all are in (``"all"``).
+    Equal to ``racedit.routing.topk.topk_mask`` on the flattened scores (-0.0 == +0.0 in both).
+    """
+    flat = scores.reshape(-1)
+    if not 1 <= k_total <= flat.numel():
+        raise ValueError(f"k must be in [1, {flat.numel()}] for {flat.numel()} candidates, got {k_total}")
+    if ties not in ("index", "all"):
+        raise ValueError(f"ties must be 'index' or 'all', got {ties!r}")
+    kth = torch.topk(flat, k_total, sorted=False).values.min()  # the K-th largest value
+    if ties == "all":
+        return (flat >= kth).view_as(scores), kth
+    above = flat > kth
+    equal = flat == kth
+    room = k_total - above.sum()  # places left for the ties, >= 1
+    mask = above | (equal & (torch.cumsum(equal, 0) <= room))
+    return mask.view_as(scores), kth
 
 
 # ----------------------------------------------------------------------------------------------
