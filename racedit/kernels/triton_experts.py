@@ -392,7 +392,8 @@ class _ExpertFFN(torch.autograd.Function):
 def expert_ffn(x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     """Triton version of ``reference.expert_ffn`` (same signature and semantics)."""
     dt = x.dtype
-    w1, b1, w2, b2 = (p if p.dtype == dt else p.to(dt) for p in (w1, b1, w2, b2))
+    w1, w2 = (p if p.dtype == dt else p.to(dt) for p in (w1, w2))  # any strides: read through them
+    b1, b2 = (p.to(dt).contiguous() for p in (b1, b2))  # (E, H), (E, D) indexed as e * N + n
     return _ExpertFFN.apply(
         x, plan.sorted_gate, w1, b1, w2, b2, plan.sorted_token, plan.offsets, plan.slot.contiguous()
     )

@@ -52,6 +52,12 @@ def _float_to_key(s):
 
 
 @triton.jit
+def _is_nan(s):
+    """Bit test (exponent all ones, mantissa non-zero): immune to fast-math folding of ``s != s``."""
+    return (s.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
 def _key_to_float(key):
     """Inverse of ``_float_to_key`` (for +0.0)."""
     was_negative = (key >> 31) == 0
@@ -109,7 +115,7 @@ def _radix_pass_kernel(
         if PASS > 0:
             match = valid & ((key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
         else:
-            nans += (valid & (s != s)).to(tl.int32)
+            nans += (valid & _is_nan(s)).to(tl.int32)
         digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
         hist += tl.histogram(digit, NBINS, mask=match)
     tl.atomic_add(hist_ptr + PASS * NBINS + tl.arange(0, NBINS), hist)
@@ -169,7 +175,7 @@ def _block_selection(
         sel = valid & (tl.load(sel_ptr + t * E + e, mask=valid, other=0) != 0)
     else:
         s = tl.load(sel_ptr + t * E + e, mask=valid, other=0.0).to(tl.float32)
-        nan = valid & (s != s)
+        nan = valid & _is_nan(s)
         if MODE == 1:
             sel = valid & (s >= tl.load(tau_ptr).to(tl.float32))
         else:
