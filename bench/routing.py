@@ -116,12 +116,12 @@ def cpu_tables(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def gpu_tables(args: argparse.Namespace) -> None:
+def gpu_tables(args: argparse.Namespace, dev: str = "cuda", dt: torch.dtype = torch.bfloat16) -> None:
+    """The GPU tables (``dev``/``dt`` are only changed to smoke-test this code under the interpreter)."""
     from racedit.kernels import grouped_mm, triton_experts
     from racedit.models.ffn import Mlp
     from racedit.moe import MoEConfig, MoEFeedForward
 
-    dev, dt = "cuda", torch.bfloat16
     T, D, E, k = args.batch * 256, args.dim, args.experts, args.k
     H = 4 * D // k
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def gpu_tables(args: argparse.Namespace) -> None:
     fwd = t["MoE layer forward"]
     rows = [[n, s * 1e6, f"{s / fwd:.2%}"] for n, s in t.items()]
     print_table(
-        f"Routing share of the MoE forward: T={T}, D={D}, {k}-in-{E}, bf16 (target: exact-K <= 2%)",
+        f"Routing share of the MoE forward: T={T}, D={D}, {k}-in-{E}, {str(dt)[6:]} (target: exact-K <= 2%)",
         ["what", "us", "share of MoE forward"],
         rows,
     )
@@ -198,7 +198,7 @@ def gpu_tables(args: argparse.Namespace) -> None:
         )
     gather = t["Triton GEMM1 with gather"] / t["Triton GEMM1 on pre-gathered rows"] - 1
     print_table(
-        f"Expert GEMMs (forward): K={K} pairs, D={D}, H={H}, bf16 (targets: >= 0.70 of dense, not slower than "
+        f"Expert GEMMs (forward): K={K} pairs, D={D}, H={H}, {str(dt)[6:]} (targets: >= 0.70 of dense, not slower than "
         f"_grouped_mm; gather overhead {gather:+.1%}, target <= 5%)",
         ["what", "us", "TFLOP/s", "throughput / dense"],
         rows,
@@ -221,7 +221,7 @@ def gpu_tables(args: argparse.Namespace) -> None:
     )
     rows = [[n, s * 1e3, s / t["dense MLP"]] for n, s in t.items()]
     print_table(
-        f"MoE layer vs dense MLP, forward + backward: T={T}, D={D}, {k}-in-{E}, bf16 (drive toward 1.0)",
+        f"MoE layer vs dense MLP, forward + backward: T={T}, D={D}, {k}-in-{E}, {str(dt)[6:]} (drive toward 1.0)",
         ["what", "ms", "time / dense"],
         rows,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from racedit.kernels import dispatch, reference
+from racedit.kernels import dispatch, grouped_mm, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -52,5 +52,7 @@ def test_expert_ffn_on_gpu_matches_reference_and_is_deterministic():
         assert torch.equal(u, v)  # no atomics: bitwise repeatable
     for u, v in zip(a, ref):
         assert (u - v).abs().max() <= 3e-2 * v.abs().max() + 1e-3
+    if grouped_mm.supports(x, w1) is not None:  # needs bf16 on sm90+
+        return
     gm = run("grouped_mm")
     assert (gm[0] - ref[0]).abs().max() <= 3e-2 * ref[0].abs().max() + 1e-3
