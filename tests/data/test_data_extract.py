@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, PER_CLASS, RESOLUTION, extract_args
+from data_helpers import CLASSES, PER_CLASS, RESOLUTION, extract_args
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
@@ -179,7 +180,7 @@ def test_sigkill_then_rerun_gives_identical_shards(extracted, image_folder, tiny
         [*cmd, "--throttle", "0.4"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not (out / shard_name(1)).exists():  # two shards done, the third in progress
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "extraction did not start in time"
@@ -196,7 +197,7 @@ def test_sigkill_then_rerun_gives_identical_shards(extracted, image_folder, tiny
     (out / f"{shard_name(2)}.tmp-99999").write_bytes(b"partial write of a killed process")
     assert main(extract_args(image_folder, out, tiny_vae)) == 0
     err = capsys.readouterr().err
-    assert f"{5 - len(done)} of its 5 shards to encode" in err and "removed 1 partial" in err
+    assert f"{5 - len(done)} of its 5 shards to encode" in err and re.search("removed [12] partial", err)
     assert _shard_bytes(out) == _shard_bytes(extracted)  # bitwise
     assert (out / "index.safetensors").read_bytes() == (extracted / "index.safetensors").read_bytes()
     assert not list(out.glob("*.tmp-*"))

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, PER_CLASS, RESOLUTION
+from data_helpers import CLASSES, PER_CLASS, RESOLUTION
 from safetensors.numpy import load_file
 
 from racedit.config import from_dict
