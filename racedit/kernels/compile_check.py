@@ -42,7 +42,7 @@ def variants(quick: bool):
         yield (
             f"radix pass {p}",
             R._radix_pass_kernel,
-            dict(scores_ptr="*fp32", hist_ptr=i32, nan_ptr=i32),
+            dict(scores_ptr="*fp32", hist_ptr=i32),
             dict(PASS=p, BLOCK=1024, NBINS=R.NUM_BINS, BITS=R.RADIX_BITS),
             {},
         )
@@ -61,7 +61,7 @@ def variants(quick: bool):
         yield (
             f"count mode={mode} ties_all={ties_all}",
             R._count_kernel,
-            dict(common, block_counts_ptr=i32, nan_ptr=i32, kth_ptr="*fp32"),
+            dict(common, block_counts_ptr=i32, block_nan_ptr=i32, kth_ptr="*fp32"),
             cx,
             {},
         )
@@ -79,7 +79,14 @@ def variants(quick: bool):
     yield (
         "scan",
         R._scan_kernel,
-        dict(block_counts_ptr=i32, block_start_ptr=i32, counts_ptr=i64, offsets_ptr=i64),
+        dict(
+            block_counts_ptr=i32,
+            block_nan_ptr=i32,
+            block_start_ptr=i32,
+            counts_ptr=i64,
+            offsets_ptr=i64,
+            summary_ptr=i64,
+        ),
         dict(BE=32, CH=64),
         {},
     )

@@ -92,7 +92,6 @@ def _radix_pass_kernel(
     scores_ptr,
     N,
     hist_ptr,
-    nan_ptr,
     k_total,
     PASS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -105,7 +104,6 @@ def _radix_pass_kernel(
     prefix, k_rem, count_eq = _cut_from_hist(hist_ptr, k_total, PASS, NBINS, BITS)
     SHIFT: tl.constexpr = 32 - BITS * (PASS + 1)
     hist = tl.zeros((NBINS,), tl.int32)
-    nans = tl.zeros((BLOCK,), tl.int32)
     for start in range(pid * BLOCK, N, nprog * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < N
@@ -114,13 +112,9 @@ def _radix_pass_kernel(
         match = valid
         if PASS > 0:
             match = valid & ((key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
-        else:
-            nans += (valid & _is_nan(s)).to(tl.int32)
         digit = ((key >> SHIFT) & (NBINS - 1)).to(tl.int32)
         hist += tl.histogram(digit, NBINS, mask=match)
     tl.atomic_add(hist_ptr + PASS * NBINS + tl.arange(0, NBINS), hist)
-    if PASS == 0:
-        tl.atomic_add(nan_ptr, tl.sum(nans, axis=0))
 
 
 @triton.jit
@@ -142,14 +136,16 @@ def _flat_rank(flags):
 
 @triton.jit
 def _tie_kernel(scores_ptr, T, E, hist_ptr, k_total, tie_ptr, BT: tl.constexpr, BE: tl.constexpr):
-    """Per-block count of entries equal to the K-th key; does nothing unless ties straddle the cut."""
+    """Per-block count of entries equal to the K-th key; reads no scores unless ties straddle the cut."""
     b = tl.program_id(0)
     v, k_rem, count_eq = _cut_from_hist(hist_ptr, k_total, 4, 256, 8)
+    ties = tl.full((), 0, tl.int32)
     if k_rem < count_eq:
         t, e, valid = _block_tile(T, E, b, BT, BE)
         s = tl.load(scores_ptr + t * E + e, mask=valid, other=0.0).to(tl.float32)
         eq = valid & (_float_to_key(s) == v)
-        tl.store(tie_ptr + b, tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0))
+        ties = tl.sum(tl.sum(eq.to(tl.int32), axis=1), axis=0)
+    tl.store(tie_ptr + b, ties)
 
 
 @triton.jit
@@ -206,7 +202,7 @@ def _count_kernel(
     tie_ptr,
     tau_ptr,
     block_counts_ptr,
-    nan_ptr,
+    block_nan_ptr,
     kth_ptr,
     MODE: tl.constexpr,
     TIES_ALL: tl.constexpr,
@@ -214,15 +210,14 @@ def _count_kernel(
     BE: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """block_counts[b, e] = selected entries of expert e among the tokens of block b."""
+    """block_counts[b, e] = selected entries of expert e among the tokens of block b; block_nan[b] = NaNs."""
     b = tl.program_id(0)
     t, e, valid, sel, nan = _block_selection(
         sel_ptr, T, E, b, hist_ptr, k_total, tie_ptr, tau_ptr, MODE, TIES_ALL, BT, BE, CHUNK
     )
     cols = tl.arange(0, BE)
     tl.store(block_counts_ptr + b * E + cols, tl.sum(sel.to(tl.int32), axis=0), mask=cols < E)
-    if MODE == 1:
-        tl.atomic_add(nan_ptr, tl.sum(tl.sum(nan.to(tl.int32), axis=1), axis=0))
+    tl.store(block_nan_ptr + b, tl.sum(tl.sum(nan.to(tl.int32), axis=1), axis=0))
     if MODE == 0:
         if b == 0:
             v, k_rem, count_eq = _cut_from_hist(hist_ptr, k_total, 4, 256, 8)
@@ -231,12 +226,24 @@ def _count_kernel(
 
 @triton.jit
 def _scan_kernel(
-    block_counts_ptr, NB, E, block_start_ptr, counts_ptr, offsets_ptr, BE: tl.constexpr, CH: tl.constexpr
+    block_counts_ptr,
+    block_nan_ptr,
+    NB,
+    E,
+    block_start_ptr,
+    counts_ptr,
+    offsets_ptr,
+    summary_ptr,
+    BE: tl.constexpr,
+    CH: tl.constexpr,
 ):
-    """One program: per-expert exclusive prefix over blocks, expert counts and offsets."""
+    """One program: per-expert exclusive prefix over blocks, counts, offsets, summary = [K, NaNs]."""
     cols = tl.arange(0, BE)
     carry = tl.zeros((BE,), tl.int32)
+    nans = tl.zeros((CH,), tl.int32)
     for c in range(0, NB, CH):
+        idx = c + tl.arange(0, CH)
+        nans += tl.load(block_nan_ptr + idx, mask=idx < NB, other=0)
         rows = c + tl.arange(0, CH)[:, None]
         m = (rows < NB) & (cols[None, :] < E)
         x = tl.load(block_counts_ptr + rows * E + cols[None, :], mask=m, other=0)
@@ -247,6 +254,8 @@ def _scan_kernel(
     tl.store(counts_ptr + cols, carry.to(tl.int64), mask=cols < E)
     tl.store(offsets_ptr + 1 + cols, tl.cumsum(carry, axis=0).to(tl.int64), mask=cols < E)
     tl.store(offsets_ptr + cols, (carry * 0).to(tl.int64), mask=cols == 0)
+    tl.store(summary_ptr, tl.sum(carry, axis=0).to(tl.int64))
+    tl.store(summary_ptr + 1, tl.sum(nans, axis=0).to(tl.int64))
 
 
 @triton.jit
@@ -307,10 +316,10 @@ def _radix_grid(N: int, block: int, device: torch.device) -> int:
     return min(triton.cdiv(N, block), 4 * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def _raise_nan(nan_count: Tensor) -> None:
-    if nan_count.is_cuda:  # no host sync: raises at the next synchronisation point
-        torch._assert_async(nan_count[0] == 0, NAN_MESSAGE)
-    elif int(nan_count[0]) != 0:
+def _raise_nan(summary: Tensor) -> None:
+    if summary.is_cuda:  # no host sync: raises at the next synchronisation point
+        torch._assert_async(summary[1] == 0, NAN_MESSAGE)
+    elif int(summary[1]) != 0:
         raise ValueError(NAN_MESSAGE)
 
 
@@ -355,12 +364,15 @@ def build_plan(
     BT, BE = _tile_sizes(T, E)
     NB = triton.cdiv(T, BT)
     CHUNK = 256
+    # Launches: race = 1 memset (histograms) + 4 radix passes [+ tie pass] + count + scan + scatter;
+    # threshold / mask = count + scan + scatter. Buffers a mode does not use are never touched.
     i32 = dict(dtype=torch.int32, device=dev)
-    nan_count = torch.zeros(1, **i32)
-    hist = torch.zeros(NUM_PASSES, NUM_BINS, **i32)
-    tie_counts = torch.zeros(NB, **i32)
-    kth = torch.zeros(1, dtype=torch.float32, device=dev)
-    tau_t = torch.as_tensor(0.0 if tau is None else tau, dtype=torch.float32, device=dev).reshape(1)
+    kth = torch.empty(1, dtype=torch.float32, device=dev)
+    hist = torch.zeros(NUM_PASSES, NUM_BINS, **i32) if mode == MODE_RACE else kth
+    tie_counts = torch.empty(NB, **i32) if mode == MODE_RACE and ties != "all" else kth
+    tau_t = kth
+    if mode == MODE_THRESHOLD:  # a device fp32 buffer (the layer's tau) is used as it is
+        tau_t = torch.as_tensor(tau, device=dev).reshape(1).to(torch.float32)
     k_arg = int(k_total) if k_total is not None else 0
     ties_all = ties == "all"
 
@@ -369,12 +381,13 @@ def build_plan(
         grid = (_radix_grid(N, block, dev),)
         for p in range(NUM_PASSES):
             _radix_pass_kernel[grid](
-                values, N, hist, nan_count, k_arg, PASS=p, BLOCK=block, NBINS=NUM_BINS, BITS=RADIX_BITS
+                values, N, hist, k_arg, PASS=p, BLOCK=block, NBINS=NUM_BINS, BITS=RADIX_BITS
             )
         if not ties_all:
             _tie_kernel[(NB,)](values, T, E, hist, k_arg, tie_counts, BT=BT, BE=BE)
 
     block_counts = torch.empty(NB, E, **i32)
+    block_nan = torch.empty(NB, **i32)
     _count_kernel[(NB,)](
         sel_src,
         T,
@@ -384,7 +397,7 @@ def build_plan(
         tie_counts,
         tau_t,
         block_counts,
-        nan_count,
+        block_nan,
         kth,
         MODE=mode,
         TIES_ALL=ties_all,
@@ -395,13 +408,14 @@ def build_plan(
     block_start = torch.empty(NB, E, **i32)
     counts = torch.empty(E, dtype=torch.long, device=dev)
     offsets = torch.empty(E + 1, dtype=torch.long, device=dev)
-    _scan_kernel[(1,)](block_counts, NB, E, block_start, counts, offsets, BE=BE, CH=64)
+    summary = torch.empty(2, dtype=torch.long, device=dev)  # [K, NaN count]
+    _scan_kernel[(1,)](block_counts, block_nan, NB, E, block_start, counts, offsets, summary, BE=BE, CH=64)
 
     if mode == MODE_RACE and not ties_all:
         K = int(k_total)
-        _raise_nan(nan_count)
-    else:  # data-dependent K: one host read (also checks NaN on the host)
-        K, nans = (int(v) for v in torch.stack([offsets[-1], nan_count[0].long()]).tolist())
+        _raise_nan(summary)
+    else:  # data-dependent K: one device-to-host copy (it also checks NaN on the host)
+        K, nans = summary.tolist()
         if nans:
             raise ValueError(NAN_MESSAGE)
 
