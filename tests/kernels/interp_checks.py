@@ -75,7 +75,53 @@ def group_routing() -> None:
     for p in (0.0, 0.3, 1.0):
         m = torch.rand(333, 7, generator=g) < p
         same_plan(dispatch.plan_from_mask(m, s, impl="triton"), reference.plan_from_mask(m, s), f"mask p={p}")
+    check_launches()
     print("OK routing")
+
+
+def check_launches() -> None:
+    """Threshold and mask modes: exactly 3 kernel launches (count, scan, scatter) and no torch fills."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    class RecordOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:  # the interpreter's own host copies during a launch do not count
+                ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launches: list[str] = []
+    inside: list[bool] = []
+    original = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside.append(True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    s = torch.randn(100, 6)
+    tau = torch.tensor([0.3])  # the layer's fp32 buffer
+    m = s > 0
+    InterpretedFunction.run = counting_run
+    try:
+        for call in (
+            lambda: dispatch.race_plan(s, tau=tau, impl="triton"),
+            lambda: dispatch.plan_from_mask(m, s, impl="triton"),
+        ):
+            launches.clear()
+            ops: list[str] = []
+            with torch.no_grad(), RecordOps():
+                call()
+            assert launches == ["_count_kernel", "_scan_kernel", "_scatter_kernel"], launches
+            compute = [
+                op for op in ops if any(w in op for w in ("fill", "zero", "stack", "cat", "copy", "add"))
+            ]
+            assert not compute, f"torch work outside the 3 launches: {compute}"
+    finally:
+        InterpretedFunction.run = original
 
 
 def group_edges() -> None:
