@@ -1,0 +1,1 @@
+"""Reproductions: scripts that run many training runs from one config and publish their tables."""
