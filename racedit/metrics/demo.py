@@ -115,7 +115,7 @@ def real_fid(generated: np.ndarray, real: np.ndarray, log: Callable[[str], None]
     try:
         state, weights_id = load_inception_state_dict()
     except InceptionWeightsError as err:
-        log(f"real FID skipped: Inception weights not found ({str(err).splitlines()[0]})")
+        log(f"real FID skipped: {str(err).splitlines()[0].rstrip(':')}")
         return None
     model = InceptionFeatures(state, weights_id=weights_id)
     kw = {"use_cache": False, "progress": False, "batch_size": 50}

@@ -49,6 +49,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
     compile: bool = False  # torch.compile the training model
+    num_threads: int | None = (
+        None  # CPU threads for torch (None = torch's default); 1 is fastest on a busy CPU
+    )
     gradient_checkpointing: bool = False  # recompute each block in the backward pass
     # --- EMA of the weights (fp32) -----------------------------------------------------------
     ema_decay: float = 0.9999

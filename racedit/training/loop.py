@@ -161,6 +161,12 @@ class Trainer:
         for t in trackers:
             if t not in ("tensorboard", "wandb"):
                 raise ConfigError(f"log.trackers: unknown tracker {t!r}; use tensorboard and/or wandb")
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # Accelerate's state is a process-wide singleton: let one process run several trainers in turn
+            # (tests, ablation sweeps) with different precision settings.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
         # Accelerate only forms a CPU process group (gloo) under torchrun when told cpu=True.
         cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
@@ -176,6 +182,8 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.device = acc.device
+        if tc.num_threads is not None:
+            torch.set_num_threads(tc.num_threads)
         if tc.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -413,7 +421,9 @@ class Trainer:
 
     def class_names(self) -> list[str] | None:
         names = getattr(self.dataset, "class_names", None)
-        return list(names) if names is not None else None
+        if names is None or list(names) == [str(i) for i in range(len(names))]:
+            return None  # digits: the label is the name (grids caption the label alone)
+        return list(names)
 
     def decoder(self):
         """Model space -> images in [-1, 1]: identity for pixel data, the VAE for latents (None if absent)."""

@@ -13,7 +13,11 @@ from racedit.training.config import load_run_config
 from racedit.training.loop import lr_lambda
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RUN_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts)
+RUN_CONFIGS = [
+    CONFIGS / "demo.yaml",
+    *sorted((CONFIGS / "recipes").glob("*.yaml")),
+    *sorted((CONFIGS / "ablation").glob("*.yaml")),
+]
 
 
 def resolved(path: Path):

@@ -60,3 +60,52 @@ def test_loss_decreases_on_a_fixed_batch(family: str, tmp_path: Path, one_thread
         assert scalars is not None and torch.isfinite(torch.tensor(scalars["loss"]))
     end = fixed_loss()
     assert end < 0.9 * start, f"{family}: loss {start:.4f} -> {end:.4f}"
+
+
+def _setup(tmp_path: Path, model: dict | None = None, **train) -> Trainer:
+    cfg = from_dict(RunConfig, tiny_run(tmp_path / "run", train={"lr": 1e-3, **train}))
+    if model is not None:
+        cfg.model = model
+    trainer = Trainer(cfg)
+    trainer.setup()
+    trainer.consecutive_skips = 0
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param({"name": "DiT-S/2"}, id="dense"),
+        pytest.param(
+            {"name": "RaceDiT-S/2-2in8", "moe": {"plr_weight": 0.01, "rsl_weight": 1e-4}},
+            id="race",
+            marks=pytest.mark.xfail(
+                reason="racedit/moe/layer.py builds its aux record (PLR head forward) only outside the "
+                "checkpoint recomputation, so non-reentrant checkpointing sees a different number of saved "
+                "tensors; fix: build the record in both passes, skip only aux.add and the tau update",
+                strict=False,
+            ),
+        ),
+    ],
+)
+def test_gradient_checkpointing_gives_the_same_step(model: dict, tmp_path: Path, one_thread) -> None:
+    """Same loss, same updated weights, and tau advances once per forward (not again in the recompute)."""
+    model = {**model, "hidden_size": 32, "depth": 2, "num_heads": 2}
+    plain = _setup(tmp_path / "a", model=model)
+    ckpt = _setup(tmp_path / "b", model=model, gradient_checkpointing=True)
+    assert ckpt.raw_model.gradient_checkpointing
+    a, b = plain.train_step(), ckpt.train_step()
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    sa, sb = plain.raw_model.state_dict(), ckpt.raw_model.state_dict()
+    for k in sa:
+        assert torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-4, atol=1e-6), k
+    updates = [int(v) for k, v in sb.items() if k.endswith("threshold.updates")]
+    assert all(u == 1 for u in updates) and (bool(updates) == ("moe" in model))
+
+
+def test_bf16_autocast_steps_on_cpu(tmp_path: Path, one_thread) -> None:
+    trainer = _setup(tmp_path, mixed_precision="bf16")
+    losses = [trainer.train_step()["loss"] for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # fp32 master weights
+    assert all(p.dtype == torch.float32 for p in trainer.ema.model.parameters())
