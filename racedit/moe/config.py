@@ -23,7 +23,7 @@ class MoEConfig:
     plr_weight: float = 0.0  # per-layer regularization weight (paper default on: 1e-2)
     rsl_weight: float = 0.0  # router-similarity loss weight (paper default on: 1e-4)
     balance_weight: float = 0.0  # Switch balance loss weight (the baseline)
-    impl: Literal["auto", "torch", "triton"] = "auto"  # kernel dispatch: auto = Triton on CUDA tensors
+    impl: Literal["auto", "torch", "triton", "grouped_mm"] = "auto"  # auto: Triton on CUDA, reference on CPU
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.k < 1 or self.k > self.num_experts:
