@@ -176,7 +176,11 @@ def demo_report(
         from racedit.sampling import save_grid
 
         save_grid(
-            generated, labels, list(train_set.class_names), out_dir / "scored_samples.png", nrow=per_class
+            generated,
+            labels,
+            None,
+            out_dir / "scored_samples.png",
+            nrow=per_class,  # a digit is its label
         )
     except Exception as err:  # the report itself is written; a grid failure is only noted
         log(f"report grid skipped: {err}")

@@ -421,9 +421,12 @@ class Trainer:
 
     def class_names(self) -> list[str] | None:
         names = getattr(self.dataset, "class_names", None)
-        if names is None or list(names) == [str(i) for i in range(len(names))]:
-            return None  # digits: the label is the name (grids caption the label alone)
-        return list(names)
+        return list(names) if names is not None else None
+
+    def caption_names(self) -> list[str] | None:
+        """Names for grid captions; None when a name is just the label (digits), so tiles read "3", not "3 3"."""
+        names = self.class_names()
+        return None if names is None or names == [str(i) for i in range(len(names))] else names
 
     def decoder(self):
         """Model space -> images in [-1, 1]: identity for pixel data, the VAE for latents (None if absent)."""
@@ -481,7 +484,9 @@ class Trainer:
             self.log(f"sample grid skipped: {err}")
             return None
         nrow = self.cfg.sample.per_class if self.cfg.sample.per_class > 1 else None  # one row per class
-        return save_grid(images, labels, self.class_names(), self.out / "samples" / f"{name}.png", nrow=nrow)
+        return save_grid(
+            images, labels, self.caption_names(), self.out / "samples" / f"{name}.png", nrow=nrow
+        )
 
     def log_routing(self) -> dict[str, float]:
         if self.routing is None or not self.routing.layers:
