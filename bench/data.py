@@ -150,7 +150,7 @@ def drain(loader: torch.utils.data.DataLoader) -> None:
         pass
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument(
         "--sd-vae", action="store_true", help="also time the SD-VAE architecture (slow on CPU)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = args.dit or ("XL" if device == "cuda" else "S")
     batch = args.train_batch or (32 if device == "cuda" else 4)
