@@ -126,11 +126,15 @@ class MoEFeedForward(FeedForward):
         plan, thresholded = self.route(scores.view(B, L, E))
         y = dispatch.expert_ffn(x, plan, self.w1, self.b1, self.w2, self.b2, self.cfg.impl)  # (T, D)
 
-        recompute = in_backward_recompute()
+        recompute = in_backward_recompute()  # gradient checkpointing re-runs this forward inside backward
         if self.training and plan.kth is not None and not recompute:
             self.threshold.update(global_kth(scores, self.cfg.k, local_kth=plan.kth))
-        if aux is not None and not recompute:
-            aux.add(self._record(B, L, logits, plan, u, thresholded))
+        if aux is not None:
+            # Built in both passes, so a checkpointed recompute saves the same tensors for backward
+            # (the PLR head's forward); only the first pass hands it to the trainer.
+            record = self._record(B, L, logits, plan, u, thresholded)
+            if not recompute:
+                aux.add(record)
         return y.view(B, L, D)
 
     def _record(
