@@ -16,7 +16,8 @@ MIN_TILE = 96  # tiles smaller than this (e.g. 8x8 digits) are upscaled by an in
 
 def _caption(label: int, class_names: Sequence[str] | None) -> str:
     if class_names is not None and 0 <= label < len(class_names):
-        return f"{label} {class_names[label]}"
+        name = class_names[label]
+        return name if name == str(label) else f"{label} {name}"  # digits: "3", not "3 3"
     return "null" if class_names is not None and label == len(class_names) else str(label)
 
 
