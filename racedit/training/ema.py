@@ -2,7 +2,9 @@
 
 ``ema <- decay * ema + (1 - decay) * live`` for every parameter and every floating-point buffer
 (the routing thresholds ``tau`` included, so the EMA model routes with a threshold that moves as
-slowly as its weights). Integer buffers (e.g. a threshold's update counter) are copied.
+slowly as its weights). Integer buffers (e.g. a threshold's update counter) are copied. A threshold
+the EMA model has never seen set (its ``updates`` counter is 0) takes the live value at once instead of
+averaging up from its placeholder 0, which would make an early EMA model route far too many experts.
 With ``thresholds="live"`` the EMA model takes the live model's thresholds instead
 (``racedit.moe.threshold.sync_thresholds``).
 """
@@ -39,9 +41,16 @@ class EMA:
             ema_f.append(p)
             live_f.append(live_params[name].detach().float())
         live_buffers = dict(model.named_buffers())
+        unset = {  # modules whose threshold the EMA model has not received yet
+            name.removesuffix("updates")
+            for name, b in self.model.named_buffers()
+            if name.endswith("threshold.updates") and int(b) == 0
+        }
         for name, b in self.model.named_buffers():
             src = live_buffers[name].detach()
-            if b.is_floating_point():
+            if b.is_floating_point() and name.removesuffix("tau") in unset:
+                b.copy_(src)
+            elif b.is_floating_point():
                 ema_f.append(b)
                 live_f.append(src.float())
             else:

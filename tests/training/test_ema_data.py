@@ -64,3 +64,25 @@ def test_batch_stream_resume_position_and_rank_sharding() -> None:
     r1 = sum(_take(BatchStream(Items(), 4, seed=3, rank=1, world_size=2), 6), [])
     assert not set(r0) & set(r1) and len(set(r0 + r1)) == 48
     assert sorted(sum(full[:12], [])) == sorted(r0 + r1)
+
+
+def test_ema_takes_a_threshold_at_its_first_update_then_averages_it() -> None:
+    import racedit
+
+    torch.manual_seed(0)
+    model = racedit.build_model(
+        "RaceDiT-S/2-2in8", input_size=4, num_classes=3, hidden_size=16, depth=1, num_heads=2, in_channels=1
+    )
+    ema = EMA(model, decay=0.9999)  # copied before the first step: its tau is the placeholder 0
+    x, t, y = torch.randn(4, 1, 4, 4), torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 0])
+    model.train()
+    layer = model.blocks[0].mlp.threshold
+    model(x, t, y)
+    first = float(layer.tau)
+    ema.update(model, step=0)
+    ema_layer = ema.model.blocks[0].mlp.threshold
+    assert float(ema_layer.tau) == first != 0.0 and int(ema_layer.updates) == 1
+    model(x * 3, t, y)
+    ema.update(model, step=1)
+    expected = first + (1 - 0.9999) * (float(layer.tau) - first)
+    assert float(layer.tau) != first and abs(float(ema_layer.tau) - expected) < 1e-7
