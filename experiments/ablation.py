@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -209,7 +210,7 @@ def plot(cfg: AblationConfig, summary: dict[str, Any], assets: Path) -> list[Pat
 
     paths = []
     groups = list(cfg.groups)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.5), squeeze=False)
     for ax, group in zip(axes[0], groups):
         for name, r in summary.items():
             if group not in r["groups"]:
@@ -220,7 +221,7 @@ def plot(cfg: AblationConfig, summary: dict[str, Any], assets: Path) -> list[Pat
             kernel = np.ones(5) / 5  # light smoothing of the logged window means
             mean = np.convolve(vals.mean(0), kernel, mode="valid")
             ax.plot(steps[: len(mean)] + steps[min(2, n - 1)] - steps[0], mean, label=name)
-        ax.set_title(cfg.groups[group], fontsize=9)
+        ax.set_title(textwrap.fill(cfg.groups[group], 60), fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (mean over seeds)")
         ax.set_yscale("log")
