@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import time
 
-from bench.common import machine_description
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # before torch loads: keep the profiler's chatter off stderr
+
+from bench.common import machine_description  # noqa: E402
 
 SUITES = {  # module -> (extra args for --quick)
     "train_step": ["--repeats", "2", "--warmup", "1"],
