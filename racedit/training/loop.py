@@ -180,6 +180,12 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(static_graph=True)],
         )
         acc = self.accelerator
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ConfigError(
+                f"the trainer does not support {acc.distributed_type.name} yet (its EMA update and checkpoints "
+                "read full, unsharded parameters and optimizer state); launch with "
+                "configs/accelerate/multi_gpu.yaml (DDP) and raise train.grad_accum to fit memory"
+            )
         self.rank, self.world = acc.process_index, acc.num_processes
         self.device = acc.device
         if tc.num_threads is not None:

@@ -110,3 +110,14 @@ def test_data_shape_mismatch_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model.input_size = 32 \(dataset value: 8\)"):
         Trainer(from_dict(RunConfig, cfg)).run()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sharded_launch_is_refused_before_any_step(tmp_path: Path, monkeypatch) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    cfg = from_dict(RunConfig, tiny_run(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"does not support FSDP.*multi_gpu.yaml"):
+        Trainer(cfg).run()
+    assert not (tmp_path / "run" / "checkpoints").exists()
