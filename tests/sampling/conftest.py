@@ -54,12 +54,3 @@ def save_pixel_model(path: Path, objective: str = "ddpm", in_channels: int = 1) 
 @pytest.fixture(scope="module")
 def pixel_model_dir(tmp_path_factory):
     return save_pixel_model(tmp_path_factory.mktemp("pixel") / "model")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to oversubscription on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
