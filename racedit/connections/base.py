@@ -30,8 +30,9 @@ class Connection(nn.Module):
         return 0
 
     def no_weight_decay(self) -> set[str]:
-        """Names (local to this module) of parameters that must not be weight-decayed."""
-        return set()
+        """Names (local to this module) of parameters that must not be weight-decayed: every static mixing
+        parameter, bias and scale (connections.md); only the dynamic projection matrices are decayed."""
+        return {name for name, _ in self.named_parameters() if not name.endswith("proj.weight")}
 
 
 class Stream(nn.Module):

@@ -97,12 +97,6 @@ class FracConnection(Connection):
         per_token = (2 * m + 1) * D + ((2 * m + 1) * D if self.dynamic else 0)
         return num_tokens * per_token
 
-    def no_weight_decay(self) -> set[str]:
-        names = {"static_pre", "static_res", "static_post"}
-        if self.dynamic:
-            names |= {"dynamic_alpha_scale", "dynamic_beta_scale"}
-        return names
-
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rate={self.rate}, dynamic={self.dynamic}, tanh={self.use_tanh}"
 

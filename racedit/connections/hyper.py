@@ -121,13 +121,6 @@ class HyperConnection(Connection):
         per_token = n * (n + 2) * D + (n * D * (n + 2) if self.dynamic else 0)
         return num_tokens * per_token
 
-    def no_weight_decay(self) -> set[str]:
-        """The static mixing parameters and the scales (connections.md: no weight decay on static parts)."""
-        names = {"static_pre", "static_res", "static_post"}
-        if self.dynamic:
-            names |= {"dynamic_alpha_scale", "dynamic_beta_scale"}
-        return names
-
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rate={self.rate}, index={self.index}, dynamic={self.dynamic}, tanh={self.use_tanh}"
 

@@ -123,9 +123,6 @@ class ManifoldHyperConnection(Connection):
         per_token = n * D * (n * n + 2 * n) + n * (n + 2) * D + 2 * self.sinkhorn_iters * n * n
         return num_tokens * per_token
 
-    def no_weight_decay(self) -> set[str]:
-        return {"pre_bias", "post_bias", "res_bias", "pre_scale", "post_scale", "res_scale"}
-
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rate={self.rate}, index={self.index}, sinkhorn_iters={self.sinkhorn_iters}"
 

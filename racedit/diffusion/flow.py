@@ -44,11 +44,8 @@ class FlowMatching(Objective):
         t: Tensor | None = None,
         noise: Tensor | None = None,
     ) -> LossOutput:
-        B, C = x0.shape[:2]
-        if t is None:
-            t = self.sample_t(B, x0.device, generator)
-        if noise is None:
-            noise = self._randn_like(x0, generator)
+        C = x0.shape[1]
+        t, noise = self._draws(x0, generator, t, noise)
         x_t = self.interpolate(x0, t, noise)
         target = noise - x0  # velocity (B, C, H, W)
         out = model(x_t, self.model_time(t), y, aux=aux)

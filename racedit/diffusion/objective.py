@@ -100,6 +100,16 @@ class Objective(ABC):
 
     # ------------------------------------------------------------------ helpers
 
+    def _draws(
+        self, x0: Tensor, generator: torch.Generator | None, t: Tensor | None, noise: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The training times (B,) and noise like x0, each drawn fresh unless given (t first, then noise)."""
+        if t is None:
+            t = self.sample_t(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = self._randn_like(x0, generator)
+        return t, noise
+
     @staticmethod
     def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
         if generator is None:
