@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
+from sampling_helpers import make_tiny_model
 from test_sampling_io import _tiny_vae_dir
 
 import racedit

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from sampling_helpers import make_tiny_model
 
 from racedit.diffusion import DiffusionConfig, build_objective
 from racedit.sampling import generate, sample_latents, sample_seed, to_uint8

@@ -3,7 +3,7 @@ respected; the 3-channel mode touches only the first 3 channels; sigma channels 
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from sampling_helpers import make_tiny_model
 
 from racedit.diffusion import DiffusionConfig, build_objective
 from racedit.sampling import Guidance, generate, guided_forward
