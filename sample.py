@@ -3,9 +3,9 @@
 Thin wrapper over ``racedit.cli.sample`` (also installed as ``racedit-sample``); see ``--help``.
 """
 
-import sys
-
 from racedit.cli.sample import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from racedit.distributed import exit_command
+
+    exit_command(main())

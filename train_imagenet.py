@@ -4,9 +4,9 @@ Also ``accelerate launch train_imagenet.py ...`` and ``torchrun --nproc_per_node
 Thin on purpose: the loop lives in ``racedit/training``; ``--help`` lists every flag.
 """
 
-import sys
-
 from racedit.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from racedit.distributed import exit_command
+
+    exit_command(main())

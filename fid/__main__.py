@@ -247,13 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from racedit.distributed import process_group_scope
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with process_group_scope():  # under accelerate launch / torchrun: ranks leave the group cleanly
+            return args.func(args)
     except InceptionWeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from racedit.distributed import exit_command
+
+    exit_command(main())

@@ -247,6 +247,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    from racedit.distributed import process_group_scope
+
+    with process_group_scope():  # under torchrun: every rank leaves the process group cleanly
+        return run(argv)
+
+
+def run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
@@ -444,4 +451,6 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from racedit.distributed import exit_command
+
+    exit_command(main())

@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    from racedit.distributed import process_group_scope
     from racedit.training.loop import NonFiniteLossError, ResumeError, train
 
     try:
-        result = train(cfg, resume=args.resume)
+        with process_group_scope():
+            result = train(cfg, resume=args.resume)
     except (ConfigError, ResumeError, NonFiniteLossError, PermissionError, FileNotFoundError) as err:
         print(f"racedit-train: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
@@ -77,4 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from racedit.distributed import exit_command
+
+    exit_command(main())

@@ -1,8 +1,8 @@
 """``python -m racedit.data`` is ``racedit-extract`` (extract / verify / stats)."""
 
-import sys
-
 from racedit.data.extract import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from racedit.distributed import exit_command
+
+    exit_command(main())

@@ -682,13 +682,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from racedit.distributed import process_group_scope
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with process_group_scope():  # under torchrun: every rank leaves the process group cleanly
+            return args.func(args)
     except (ExtractError, LatentFormatError) as err:
         print(f"racedit-extract {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from racedit.distributed import exit_command
+
+    exit_command(main())

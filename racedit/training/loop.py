@@ -575,8 +575,8 @@ class Trainer:
             result = self.finish(last_scalars)
         finally:
             bar.close()
-            if lc.trackers:
-                acc.end_training()
+            for tracker in acc.trackers:  # not acc.end_training(): the caller owns the process group
+                tracker.finish()
         return result
 
     def out_of_time(self, t_start: float) -> bool:
