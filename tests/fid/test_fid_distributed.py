@@ -30,10 +30,9 @@ SCRIPT = textwrap.dedent(
                              use_cache=False, progress=False)
     if process_rank() == 0:
         np.save(sys.argv[1], feats.pool)
-    from racedit.distributed import teardown
+    from racedit.distributed import exit_command, teardown
     teardown()  # as the racedit-fid command does
-    import os
-    os._exit(0)  # skip C++ static destructors, which under load sometimes abort a finished worker
+    exit_command(0)
     """
 )
 

@@ -57,13 +57,9 @@ for m, b, rec in zip(layers, before, aux.layers):
     report.append({"tau": float(m.threshold.tau), "before": b, "global": kth_global, "local": kth_local, "a": a})
 (out / f"tau_rank{rank}.json").write_text(json.dumps(report))
 
-from racedit.distributed import teardown
-teardown()  # as the racedit-train command does: no rank exits with the gloo group alive
-# Under CPU load, torch 2.14's C++ static destructors at interpreter exit sometimes abort a finished worker
-# ("terminate called without an active exception", no Python frame). The work is done and flushed: leave now.
-sys.stdout.flush(); sys.stderr.flush()
-import os
-os._exit(0)
+from racedit.distributed import exit_command, teardown
+teardown()  # as the racedit-train command does
+exit_command(0)  # and leaves as it does (os._exit under torchrun)
 """
 
 
