@@ -1,0 +1,88 @@
+"""What every racedit command shares: user errors, ``--debug``, exit codes and progress bars.
+
+A user error (a bad flag, a missing or corrupt file, an invalid config key) is one line on stderr that
+names the file or key and the fix, with exit code 2; the traceback appears only under ``--debug`` or
+``RACEDIT_DEBUG=1``. Anything else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_USAGE = 2  # argparse's code for usage errors; ours for every user error
+
+
+class UserError(Exception):
+    """A problem the user can fix. The message names the file or key and says what to do."""
+
+
+def debug_requested(argv: Sequence[str] | None = None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get("RACEDIT_DEBUG", "") not in ("", "0")
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error (also RACEDIT_DEBUG=1); by default a user error is one line",
+    )
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types reported as one line: ours, config errors, and file-system errors naming a path."""
+    from racedit.config.core import ConfigError
+
+    return (UserError, ConfigError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text
+
+
+def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | None = None) -> int:
+    """Run ``main(argv)`` and turn user errors into one stderr line and exit code 2."""
+    debug = debug_requested(argv)
+    try:
+        return int(main(argv) or 0)
+    except user_error_types() as err:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry(main: Callable[[list[str] | None], int], prog: str) -> Callable[[], None]:
+    """A console-script entry point: run ``main`` through :func:`run` and leave through ``exit_command``."""
+
+    def _entry() -> None:
+        from racedit.distributed import exit_command
+
+        exit_command(run(main, prog))
+
+    return _entry
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar that redraws at most every 30 s when stderr is not a terminal (CI, cluster logs), so
+    a long run writes a line now and then instead of one carriage-return update per step."""
+    from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+        kwargs.setdefault("maxinterval", 60.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
