@@ -12,6 +12,7 @@ given sampling noise). Real FID with the Inception network is added when its wei
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,17 @@ def real_fid(generated: np.ndarray, real: np.ndarray, log: Callable[[str], None]
     return fid_from_statistics(feature_statistics(a), feature_statistics(b))
 
 
+def real_digits(data_cfg: Any, split: str) -> tuple[Tensor, Tensor, int]:
+    """The real digits of ``split`` as the classifier sees them: x (N, 1, S, S) in [-1, 1] after the
+    sampler's uint8 quantisation (so real and generated digits are scored alike), y (N,), classes."""
+    from racedit.data import build_dataset
+
+    dataset = build_dataset(data_cfg, split=split)
+    xs = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 1, S, S)
+    ys = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    return images_to_input(to_uint8_rgb(xs)), ys, int(dataset.num_classes)
+
+
 def demo_report(
     data_cfg: Any,
     sample_fn: Callable[[list[int], int], Tensor],
@@ -132,21 +144,17 @@ def demo_report(
     seed: int,
     out_dir: Path,
     log: Callable[[str], None] = print,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate ``per_class`` samples of every class with ``sample_fn(labels, seed) -> uint8 (N,H,W,3)``,
-    score them, and write ``report.json``, ``report.md`` and a sample grid of the scored images."""
-    from racedit.data import build_dataset
+    score them, and write ``report.json``, ``report.md`` and a sample grid of the scored images.
 
-    train_set = build_dataset(data_cfg, split="train")
-    held_set = build_dataset(data_cfg, split="heldout")
-    xs_train = torch.stack([train_set[i][0] for i in range(len(train_set))])  # (N, 1, S, S)
-    ys_train = torch.tensor([int(train_set[i][1]) for i in range(len(train_set))])
-    xs_held = torch.stack([held_set[i][0] for i in range(len(held_set))])
-    ys_held = torch.tensor([int(held_set[i][1]) for i in range(len(held_set))])
-    # The sampler quantises to uint8: score real digits after the same quantisation.
-    xs_train = images_to_input(to_uint8_rgb(xs_train))
-    xs_held = images_to_input(to_uint8_rgb(xs_held))
-    num_classes = int(train_set.num_classes)
+    ``training`` (optional) describes the run the model comes from: ``steps``, ``max_steps``,
+    ``stopped_early`` (why training ended before ``max_steps``, or None), ``time_budget_minutes`` and
+    ``process_started_at`` (seconds since the epoch); the report states them and, from the last, how long
+    after the process start it was written."""
+    xs_train, ys_train, num_classes = real_digits(data_cfg, "train")
+    xs_held, ys_held, _ = real_digits(data_cfg, "heldout")
     clf = train_classifier(xs_train, ys_train, num_classes, seed=seed)
     with torch.no_grad():
         train_feats = clf.features(xs_train)
@@ -169,6 +177,10 @@ def demo_report(
                          "frechet_vs_train": held.frechet, "count": len(xs_held)},
         "real_fid": real_fid(np.asarray(generated), to_uint8_rgb(xs_held), log),
     }  # fmt: skip
+    if training is not None:
+        report["training"] = dict(training)
+        if training.get("process_started_at") is not None:
+            report["training"]["seconds_to_report"] = time.time() - float(training["process_started_at"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     (out_dir / "report.md").write_text(format_report(report))
@@ -217,4 +229,22 @@ def format_report(report: dict[str, Any]) -> str:
         ),
         "",
     ]
+    if report.get("training"):
+        lines += [format_training(report["training"]), ""]
     return "\n".join(lines)
+
+
+def format_training(training: dict[str, Any]) -> str:
+    """One line: steps trained, whether a time limit cut training short, when the report was written."""
+    steps, max_steps = training["steps"], training["max_steps"]
+    if training.get("stopped_early"):
+        line = f"Training: {steps:,} of {max_steps:,} steps; cut short ({training['stopped_early']})."
+    else:
+        line = f"Training: {steps:,} of {max_steps:,} steps (not cut short"
+        if training.get("time_budget_minutes") is not None:
+            line += f" by train.time_budget_minutes = {training['time_budget_minutes']:g}"
+        line += ")."
+    if training.get("seconds_to_report") is not None:
+        minutes, seconds = divmod(round(training["seconds_to_report"]), 60)
+        line += f" Report written {minutes} min {seconds:02d} s after the process started."
+    return line

@@ -31,6 +31,9 @@ class TrainConfig:
     seed: int = 0  # model init, data order, noise; process r uses seed + r for its noise
     max_steps: int = 400_000  # optimizer steps
     time_limit_minutes: float | None = None  # stop early (checkpoint + export) after this much training time
+    # Whole-run wall-clock budget, from the process start to the written report: training stops early enough
+    # to leave the measured cost of export, final sampling and the report (racedit/training/budget.py).
+    time_budget_minutes: float | None = None
     global_batch_size: int = 256  # summed over processes and accumulation micro-steps
     grad_accum: int = 1  # micro-batches per optimizer step (per process)
     # --- optimizer (AdamW, parameter groups from DiT.optimizer_param_groups) -----------------
@@ -64,6 +67,10 @@ class TrainConfig:
     max_skipped: int = 100  # with nonfinite=skip: stop after this many skipped steps in a row
 
     def __post_init__(self) -> None:
+        for key in ("time_limit_minutes", "time_budget_minutes"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"train.{key} must be > 0 minutes (or null for no limit), got {value}")
         if self.max_steps < 1:
             raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.grad_accum < 1:

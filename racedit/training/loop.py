@@ -131,6 +131,7 @@ class TrainResult:
     final_loss: float | None
     skipped_steps: int = 0
     report: dict[str, Any] = field(default_factory=dict)
+    stopped_early: str | None = None  # why training ended before train.max_steps (a time limit), or None
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -446,8 +447,11 @@ class Trainer:
             self._decode = vae_decoder(vae, float(meta.get("scaling_factor", 0.18215)))
         return self._decode
 
-    def sample_images(self, model: torch.nn.Module, labels: list[int], seed: int) -> torch.Tensor:
-        """uint8 (N, H, W, 3) samples of ``labels`` with fixed per-sample seeds (training RNG untouched)."""
+    def sample_images(
+        self, model: torch.nn.Module, labels: list[int], seed: int, steps: int | None = None
+    ) -> torch.Tensor:
+        """uint8 (N, H, W, 3) samples of ``labels`` with fixed per-sample seeds (training RNG untouched);
+        ``steps`` overrides ``sample.steps`` (the time budget's cost probe)."""
         from racedit.sampling import generate
 
         sc = self.cfg.sample
@@ -458,7 +462,7 @@ class Trainer:
                 labels,
                 objective=self.objective,
                 sampler=sc.sampler or self.objective.samplers[0],
-                steps=sc.steps,
+                steps=steps or sc.steps,
                 cfg_scale=sc.cfg_scale,
                 seed=seed,
                 decode=self.decoder(),
@@ -532,15 +536,16 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
+        self.budget = self.make_budget()
+        self.stopped_early: str | None = None
         t_window, steps_window = time.perf_counter(), 0
         last_scalars: dict[str, float] = {}
-        t_start = time.perf_counter()
+        self.budget.start_training()
         try:
             while self.step < tc.max_steps:
-                if tc.time_limit_minutes is not None and self.out_of_time(t_start):
-                    self.log(
-                        f"train.time_limit_minutes = {tc.time_limit_minutes} reached at step {self.step}"
-                    )
+                if self.budget.active and (reason := self.budget_stop()) is not None:
+                    self.log(f"training stopped at step {self.step} of {tc.max_steps}: {reason}")
+                    self.stopped_early = reason
                     break
                 scalars = self.train_step()
                 bar.update(1)
@@ -567,6 +572,7 @@ class Trainer:
                     self.write_grid(f"step_{step:08d}")
                 if step % tc.checkpoint_every == 0 and step < tc.max_steps:
                     self.save()
+                self.budget.step_done()
             bar.close()
             if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(
                 ckpt.checkpoint_name(self.step)
@@ -579,11 +585,47 @@ class Trainer:
                 tracker.finish()
         return result
 
-    def out_of_time(self, t_start: float) -> bool:
-        """Every process takes the main process's decision, so all stop at the same step."""
-        over = (time.perf_counter() - t_start) / 60.0 > float(self.cfg.train.time_limit_minutes or 0.0)
-        flag = torch.tensor([float(over)], device=self.device)
-        return bool(self.accelerator.reduce(flag, "max").item() > 0)
+    def make_budget(self):
+        """The run's time limits; with ``train.time_budget_minutes`` the main process measures what the
+        final sampling will cost (``racedit.training.budget``) before the first step."""
+        from racedit.training.budget import RunBudget, Tail, sampling_batches, time_sampling_batch
+
+        tc, sc = self.cfg.train, self.cfg.sample
+        budget = RunBudget(tc.time_budget_minutes, tc.time_limit_minutes)
+        if budget.deadline is None or not self.accelerator.is_main_process:
+            return budget
+        num_classes = self.model_cfg.num_classes
+        counts = [
+            len(self.grid_labels()) if sc.final_grid else 0,
+            sc.report_per_class * num_classes,  # Trainer.quality_report
+        ]
+        batches = sampling_batches(counts, sc.batch_size)
+        labels = [i % num_classes for i in range(min(sc.batch_size, max(counts)))]
+        seconds = 0.0
+        if batches:
+            from racedit.sampling.vae import VAEError
+
+            try:
+                seconds = time_sampling_batch(
+                    lambda k: self.sample_images(self.ema.model, labels, sc.seed, steps=k), sc.steps
+                )
+            except VAEError:  # latents without the VAE: the final grid is skipped too
+                batches = 0
+        budget.tail = Tail(sampling_batches=batches, seconds_per_batch=seconds)
+        self.log(
+            f"train.time_budget_minutes = {tc.time_budget_minutes:g}: {budget.elapsed():.0f} s used by start-up; "
+            f"after training, {batches} sampling batch(es) at {seconds:.1f} s each (measured) + "
+            f"{budget.tail.fixed_seconds:.0f} s for export and report, kept with a margin"
+        )
+        return budget
+
+    def budget_stop(self) -> str | None:
+        """The main process's decision, taken by every process so that all stop at the same step."""
+        reason = self.budget.stop_reason()
+        flag = torch.tensor([float(reason is not None)], device=self.device)
+        if self.accelerator.reduce(flag, "max").item() > 0:
+            return reason or "the main process ran out of time"
+        return None
 
     def finish(self, last_scalars: dict[str, float]) -> TrainResult:
         """Export the EMA model (+ sampling.json), the final grid, the loss curve and the demo report."""
@@ -628,6 +670,7 @@ class Trainer:
             final_loss=last_scalars.get("loss"),
             skipped_steps=self.skipped,
             report=report,
+            stopped_early=self.stopped_early,
         )
 
     def quality_report(self) -> dict[str, Any]:
@@ -637,6 +680,14 @@ class Trainer:
         def sample_fn(labels: list[int], seed: int) -> torch.Tensor:
             return self.sample_images(self.ema.model, labels, seed)
 
+        tc = self.cfg.train
+        training = {
+            "steps": self.step,
+            "max_steps": tc.max_steps,
+            "stopped_early": self.stopped_early,
+            "time_budget_minutes": tc.time_budget_minutes,
+            "process_started_at": self.budget.start,
+        }
         report = demo_report(
             self.cfg.data,
             sample_fn,
@@ -644,6 +695,7 @@ class Trainer:
             seed=self.cfg.sample.seed + 10_000,
             out_dir=self.out / "report",
             log=self.log,
+            training=training,
         )
         return report
 
