@@ -148,3 +148,12 @@ def test_report_line_of_a_run_that_finished() -> None:
         "Training: 1,200 of 1,200 steps (not cut short by train.time_budget_minutes = 8). "
         "Report written 7 min 01 s after the process started."
     )
+
+
+def test_demo_config_is_budgeted_and_a_race_dit() -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    cfg = load_run_config(configs / "demo.yaml")
+    # the README promises 10 minutes for venv + install + demo: the run itself has to leave room
+    assert cfg.train.time_budget_minutes is not None and cfg.train.time_budget_minutes <= 8
+    moe = cfg.model["moe"]
+    assert moe["router"] == "race" and moe["plr_weight"] > 0 and moe["rsl_weight"] > 0
