@@ -20,7 +20,6 @@ by ``MARGIN``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ _IMPORTED_AT = time.time()
 class Tail:
     """What follows training, in units the trainer can count: sampling batches and fixed work."""
 
-    sampling_batches: int = 0  # batches of sample.batch_size still to draw after training
+    sampling_batches: float = 0.0  # full batches of sample.batch_size still to draw after training
     seconds_per_batch: float = 0.0  # measured at start-up
     fixed_seconds: float = FIXED_TAIL_SECONDS
 
@@ -64,15 +63,18 @@ class Tail:
         return self.sampling_batches * self.seconds_per_batch + self.fixed_seconds
 
 
-def sampling_batches(counts: list[int], batch_size: int) -> int:
-    """Batches needed to draw each of ``counts`` sample sets (each set is batched on its own)."""
-    return sum(math.ceil(n / batch_size) for n in counts if n > 0)
+def sampling_batches(counts: list[int], batch_size: int) -> float:
+    """Full batches' worth of work to draw each of ``counts`` sample sets: on a CPU the cost of a batch is
+    proportional to its samples, so a partial batch counts as its share (on a GPU a small batch costs
+    about as much as a full one, but there the sampling is a small part of the tail)."""
+    return sum(n / batch_size for n in counts if n > 0)
 
 
 def time_sampling_batch(sample: Callable[[int], object], steps: int, probe_steps: int = 5) -> float:
-    """Seconds one batch with ``steps`` sampler steps takes: ``sample(k)`` draws one batch with k steps;
-    timed at min(steps, probe_steps) and scaled linearly (one warm call first is not made: its one-time
-    costs only overstate the reserve)."""
+    """Seconds one batch with ``steps`` sampler steps takes. ``sample(k)`` draws one batch with k sampler
+    steps: one untimed call with 1 step pays the one-time costs (lazy imports, first allocations), which
+    must not be scaled; then min(steps, probe_steps) steps are timed and scaled linearly to ``steps``."""
+    sample(1)
     k = max(1, min(steps, probe_steps))
     start = time.perf_counter()
     sample(k)

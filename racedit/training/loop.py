@@ -614,7 +614,7 @@ class Trainer:
         budget.tail = Tail(sampling_batches=batches, seconds_per_batch=seconds)
         self.log(
             f"train.time_budget_minutes = {tc.time_budget_minutes:g}: {budget.elapsed():.0f} s used by start-up; "
-            f"after training, {batches} sampling batch(es) at {seconds:.1f} s each (measured) + "
+            f"after training, {batches:.1f} sampling batches at {seconds:.1f} s each (measured) + "
             f"{budget.tail.fixed_seconds:.0f} s for export and report, kept with a margin"
         )
         return budget

@@ -12,7 +12,7 @@ from train_helpers import tiny_run
 from racedit.config.core import ConfigError, from_dict
 from racedit.metrics.demo import format_training
 from racedit.training import budget as budget_mod
-from racedit.training.budget import MARGIN, RunBudget, Tail, sampling_batches
+from racedit.training.budget import MARGIN, RunBudget, Tail, sampling_batches, time_sampling_batch
 from racedit.training.config import RunConfig, load_run_config
 from racedit.training.loop import Trainer
 
@@ -81,10 +81,23 @@ def test_no_limits_never_stop() -> None:
     assert steps_until_stop(budget, clock, lambda step: 100.0, max_steps=50) == 50
 
 
-def test_sampling_batches_counts_each_set_on_its_own() -> None:
-    # the final grid (40 samples) and the report (500) are drawn separately in batches of 256
-    assert sampling_batches([40, 500], 256) == 1 + 2
+def test_sampling_batches_counts_samples() -> None:
+    # the final grid (40 samples) and the report (500) in batches of 256: 540 samples' worth of work
+    assert sampling_batches([40, 500], 256) == pytest.approx(540 / 256)
     assert sampling_batches([0, 0], 256) == 0
+
+
+def test_sampling_probe_pays_one_time_costs_before_timing() -> None:
+    calls = []
+
+    def sample(k: int) -> None:
+        calls.append(k)
+
+    time_sampling_batch(sample, steps=25)
+    assert calls == [1, 5]  # an untimed warm call, then 5 of the 25 steps timed (and scaled by 5)
+    calls.clear()
+    time_sampling_batch(sample, steps=2)
+    assert calls == [1, 2]
 
 
 def test_budget_keys_are_validated() -> None:
