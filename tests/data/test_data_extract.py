@@ -180,7 +180,7 @@ def test_sigkill_then_rerun_gives_identical_shards(extracted, image_folder, tiny
         [*cmd, "--throttle", "0.4"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a bound on waiting, not a timing check
         while not (out / shard_name(1)).exists():  # two shards done, the third in progress
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "extraction did not start in time"
@@ -221,7 +221,7 @@ def test_two_process_torchrun_covers_every_image_once(extracted, image_folder, t
         "racedit.data.extract",
         *extract_args(image_folder, out, tiny_vae),
     ]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=150)
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "terminate called" not in res.stderr  # both ranks left the process group cleanly
     assert "process 0/2" in res.stderr and "process 1/2" in res.stderr
