@@ -402,6 +402,8 @@ def run_extract(args: argparse.Namespace) -> int:
     state = _process_state(args.cpu, args.timeout_hours)
     out = Path(args.out).expanduser().resolve()
     data_dir = Path(args.data_dir).expanduser().resolve()
+    if not data_dir.is_dir() and not (out / PLAN_FILE).is_file():  # a resume only needs files.json
+        raise ExtractError(f"--data-dir {data_dir} is not a folder; expected <data-dir>/<class name>/<image>")
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     source = resolve_vae(args.vae, args.vae_subfolder)  # a local folder is recorded absolute
