@@ -62,6 +62,20 @@ def test_ablation_covers_every_router_gating_and_component() -> None:
     assert resolved(CONFIGS / "ablation" / "dense_b2.yaml")[1].moe is None
 
 
+def test_zoo_names_mean_the_papers_full_method() -> None:
+    """A RaceDiT-* name alone trains the paper's 8.03-FID row: race + identity, PLR 1e-2, RSL 1e-4, threshold."""
+    from racedit.models import zoo_names
+
+    names = [n for n in zoo_names() if n.startswith("RaceDiT")]
+    assert names
+    for name in names:
+        moe = resolve_model_config(name).moe
+        assert (moe.router, moe.gating, moe.eval_routing) == ("race", "identity", "threshold"), name
+        assert (moe.plr_weight, moe.rsl_weight, moe.balance_weight) == (1e-2, 1e-4, 0.0), name
+    # an ablation switches a term off by naming it
+    assert resolve_model_config("RaceDiT-B/2-2in8", moe={"plr_weight": 0.0}).moe.plr_weight == 0.0
+
+
 def test_paper_recipes() -> None:
     cfg, m = resolved(CONFIGS / "recipes" / "racedit_xl2_4in32.yaml")
     assert (m.depth, m.hidden_size, m.moe.k, m.moe.num_experts) == (28, 1152, 4, 32)
