@@ -56,7 +56,6 @@ class TrainConfig:
     # --- EMA of the weights (fp32) -----------------------------------------------------------
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step)) (short runs)
-    ema_thresholds: Literal["ema", "live"] = "ema"  # routing threshold tau of the EMA model: EMA or copy
     # --- checkpoints and faults --------------------------------------------------------------
     checkpoint_every: int = 10_000  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # checkpoints kept (older ones are deleted after a new one is complete)
