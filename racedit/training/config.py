@@ -88,6 +88,7 @@ class SampleConfig:
     sampler: str | None = None  # None = the objective's default sampler
     steps: int = 50
     cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    cfg_halves: Literal["joint", "separate"] = "joint"  # guided halves in one forward (DiT) or two
     batch_size: int = 64
     final_grid: bool = True  # a grid from the exported EMA model at the end
     report_per_class: int = 0  # >0: generate this many per class at the end for the demo-metrics report

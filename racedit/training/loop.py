@@ -460,6 +460,7 @@ class Trainer:
                 sampler=sc.sampler or self.objective.samplers[0],
                 steps=sc.steps,
                 cfg_scale=sc.cfg_scale,
+                guidance_halves=sc.cfg_halves,
                 seed=seed,
                 decode=self.decoder(),
                 batch_size=sc.batch_size,
