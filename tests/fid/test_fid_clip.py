@@ -86,7 +86,9 @@ def test_preprocess_centre_square_bicubic_and_clip_normalisation():
     # an image already at the target size is only normalised
     sq = np.random.default_rng(0).integers(0, 256, (2, 7, 7, 3), dtype=np.uint8)
     back = preprocess(sq, 7) * std + mean
-    torch.testing.assert_close(back, torch.from_numpy(sq).permute(0, 3, 1, 2).float() / 255, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        back, torch.from_numpy(sq).permute(0, 3, 1, 2).float() / 255, rtol=0, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- a tiny CLIP
