@@ -164,16 +164,16 @@ def test_clip_score_hand_computed_and_per_label_prompts(tiny_clip):
 # ----------------------------------------------------------------------------- racedit-fid eval
 
 
-def test_eval_cli_cmmd_and_clip_score_records_and_leaderboard(tmp_path, tiny_clip_dir, tiny_images, capsys):
+def test_eval_cli_cmmd_and_clip_score_records_and_leaderboard(
+    tmp_path, tiny_clip_dir, tiny_images, random_inception, capsys
+):
     from fid.__main__ import main
     from fid.leaderboard import record_row
 
     cache = tmp_path / "cache"
     ref = tmp_path / "ref.npz"
     np.savez(tmp_path / "ref_src.npz", arr_0=tiny_images["ref"])
-    from fid.inception import InceptionFeatures
-
-    build_reference(tmp_path / "ref_src.npz", ref, InceptionFeatures.random_init(0), num_ref_images=6,
+    build_reference(tmp_path / "ref_src.npz", ref, random_inception, num_ref_images=6,
                     cache_dir=cache, progress=False)  # fmt: skip
     samples = tmp_path / "samples.npz"
     labels = np.array([0, 1, 2, 0, 1, 2])
