@@ -545,6 +545,10 @@ def _write_pipeline(root: Path, model: DiT, meta: Any, vae: Any, scaling: float,
         "scheduler": ["diffusers", type(scheduler).__name__],
     }
     names = meta.class_names if meta is not None else None
+    if names is None and model.arch.num_classes == 1000:
+        from racedit.sampling.classes import default_class_names
+
+        names = default_class_names(1000)  # ImageNet's, as the hub's DiTPipeline folders carry
     if names:
         index["id2label"] = {str(i): name for i, name in enumerate(names)}
     (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
