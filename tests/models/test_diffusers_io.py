@@ -248,13 +248,21 @@ def test_pipeline_export_loads_offline_and_samples(tmp_path, monkeypatch):
         ("model_index.json", {"_class_name": "StableDiffusionPipeline"}),
     ],
 )
-def test_foreign_config_is_a_one_line_error(tmp_path, name, content):
+def test_foreign_config_is_a_one_line_error(tmp_path, capsys, name, content):
+    from racedit.cli.common import run
+
     (tmp_path / name).write_text(json.dumps(content))
     with pytest.raises(CheckpointError) as info:
         racedit.load_model(tmp_path)
     text = str(info.value)
     assert "\n" not in text and content["_class_name"] in text
     assert "DiTTransformer2DModel" in text and "DiTPipeline" in text and ".pt" in text
+    # a command shows it as one line on stderr with exit code 2 (CheckpointError is a UserError)
+    assert run(lambda argv: racedit.load_model(tmp_path), "racedit-sample", []) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and err.startswith("racedit-sample: error: ") and content["_class_name"] in err
+    )
 
 
 def test_sample_cli_draws_a_grid_from_a_pipeline_folder(tmp_path, monkeypatch):
