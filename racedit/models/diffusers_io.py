@@ -341,12 +341,8 @@ def state_dict_to_diffusers(model: DiT) -> dict[str, Tensor]:
             out[d + "norm1.emb." + name] = tensor.clone()  # safetensors stores no shared storage
         for kind in ("weight", "bias"):
             out[d + f"norm1.linear.{kind}"] = state[r + f"adaLN_modulation.1.{kind}"]
-            q, k, v = state[r + f"attn.qkv.{kind}"].split(D)
-            out[d + f"attn1.to_q.{kind}"], out[d + f"attn1.to_k.{kind}"], out[d + f"attn1.to_v.{kind}"] = (
-                q,
-                k,
-                v,
-            )
+            for x, part in zip("qkv", state[r + f"attn.qkv.{kind}"].split(D)):
+                out[d + f"attn1.to_{x}.{kind}"] = part
             out[d + f"attn1.to_out.0.{kind}"] = state[r + f"attn.proj.{kind}"]
             out[d + f"ff.net.0.proj.{kind}"] = state[r + f"mlp.fc1.{kind}"]
             out[d + f"ff.net.2.{kind}"] = state[r + f"mlp.fc2.{kind}"]
@@ -373,7 +369,9 @@ def compare_with_diffusers(model: DiT, transformer: Any, timesteps: tuple[int, .
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     x, t, y = (v.to(device) for v in probe_inputs(model, timesteps))
     x = x.to(dtype)
+    was_training = model.training
     ours = model.eval()(x, t, y).float()
+    model.train(was_training)
     theirs = transformer.to(device).eval()(x, timestep=t, class_labels=y).sample.float()
     diff = (ours - theirs).abs()
     return {

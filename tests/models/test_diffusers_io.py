@@ -125,6 +125,21 @@ def test_transformer_folder_loads_with_diffusers_outputs(tmp_path, out_channels,
         assert (a - b).abs().max() > 1e3 * tolerance(torch.float64, b)
 
 
+def test_legacy_transformer2d_config_of_the_hub_dit_loads(tmp_path):
+    # facebook/DiT-XL-2-256 still names its transformer Transformer2DModel, without norm_type or norm_eps
+    theirs = tiny_diffusers_dit()
+    theirs.save_pretrained(tmp_path / "dit")
+    cfg = json.loads((tmp_path / "dit" / "config.json").read_text())
+    for key in ("norm_type", "norm_eps"):
+        cfg.pop(key)
+    cfg.update(_class_name="Transformer2DModel", cross_attention_dim=None, num_vector_embeds=None)
+    (tmp_path / "dit" / "config.json").write_text(json.dumps(cfg))
+    ours = racedit.load_model(tmp_path / "dit")
+    assert ours.arch.mlp_norm_eps == 1e-5  # diffusers' default, which the hub model runs with
+    a, b = both(ours, theirs)
+    assert (a - b).abs().max() <= tolerance(torch.float32, b)
+
+
 def test_untied_per_block_embedders_are_refused(tmp_path):
     tiny_diffusers_dit(tie=False).save_pretrained(tmp_path / "dit")
     with pytest.raises(CheckpointError, match="block 1's timestep_embedder.*single timestep/label embedder"):
