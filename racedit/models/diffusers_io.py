@@ -476,7 +476,7 @@ def _sampling_meta(sampling: Any):
 
 def _pipeline_pieces(model: DiT, meta: Any, vae: Any, scheduler: str):
     """(vae module, scaling factor, scheduler) of a DiTPipeline for ``model``; errors name the fix."""
-    from racedit.sampling.meta import DEFAULT_SCALING
+    from racedit.vae import DEFAULT_SCALING
 
     diffusion = meta.diffusion_config() if meta is not None else None
     if diffusion is not None and diffusion.objective != "ddpm":
@@ -498,12 +498,14 @@ def _pipeline_pieces(model: DiT, meta: Any, vae: Any, scheduler: str):
             "local folder) or sampling= (the racedit model directory with its sampling.json)"
         )
     if isinstance(vae, (str, Path)):
-        from racedit.sampling.vae import VAEError, load_vae
+        from racedit.vae import load_vae
 
-        try:
-            vae = load_vae(str(vae))
-        except VAEError as err:
-            raise CheckpointError(str(err).splitlines()[0]) from None
+        vae = load_vae(vae, subfolder=meta.vae_subfolder if meta is not None else None)
+    if meta is not None and meta.shift_factor:
+        raise CheckpointError(
+            f"cannot write a DiTPipeline for latents with shift_factor {meta.shift_factor}: DiTPipeline decodes "
+            "latents / scaling_factor without a shift. Export the transformer alone (pipeline=False)"
+        )
     scaling = meta.scaling_factor if meta is not None else vae.config.get("scaling_factor", DEFAULT_SCALING)
     return vae, scaling, _scheduler(diffusion, scheduler)
 
@@ -569,7 +571,8 @@ def pipeline_sampling_meta(path: str | Path):
     its scheduler's betas (only informative: racedit's samplers run), its ``id2label`` class names."""
     from racedit.config.core import to_dict
     from racedit.diffusion import DiffusionConfig
-    from racedit.sampling.meta import DEFAULT_SCALING, SamplingMeta
+    from racedit.sampling.meta import SamplingMeta
+    from racedit.vae import DEFAULT_SCALING
 
     path = Path(path)
     index = read_json(path / "model_index.json")
@@ -599,7 +602,7 @@ def pipeline_sampling_meta(path: str | Path):
     downscale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
     return SamplingMeta(
         space="latent",
-        vae=str(path / "vae"),
+        vae=str((path / "vae").resolve()),
         scaling_factor=float(vae_cfg.get("scaling_factor", DEFAULT_SCALING)),
         diffusion=to_dict(diffusion),
         class_names=names,

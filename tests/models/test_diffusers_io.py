@@ -156,7 +156,7 @@ def test_pipeline_folder_loads_transformer_and_names_its_vae(tmp_path):
     a, b = both(ours, theirs)
     assert (a - b).abs().max() <= tolerance(torch.float32, b)
     meta = pipeline_sampling_meta(tmp_path / "pipe")
-    assert meta.vae == str(tmp_path / "pipe" / "vae") and meta.scaling_factor == 0.5
+    assert meta.vae == str((tmp_path / "pipe" / "vae").resolve()) and meta.scaling_factor == 0.5
     assert meta.diffusion_config().objective == "ddpm" and meta.image_size == 16
 
 
@@ -295,5 +295,5 @@ def test_sample_cli_draws_a_grid_from_a_pipeline_folder(tmp_path, monkeypatch):
 
     assert Image.open(out).size[0] > 2 * 16
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["vae"] == str(tmp_path / "pipe" / "vae") and record["scaling_factor"] == 0.5
+    assert record["vae"] == str((tmp_path / "pipe" / "vae").resolve()) and record["scaling_factor"] == 0.5
     assert record["model"]["timestep_convention"] == "diffusers" and record["weights_sha256"]
