@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument(
-        "--ckpt", required=True, help="racedit model/checkpoint directory, or an official DiT .pt file"
+        "--ckpt",
+        required=True,
+        help="racedit model/checkpoint directory, an official DiT .pt file, or a diffusers "
+        "DiTTransformer2DModel / DiTPipeline folder (a pipeline's vae/ is the VAE)",
     )
     g.add_argument(
         "--objective",
@@ -231,12 +234,23 @@ def weights_file(ckpt: Path) -> Path | None:
         f = (ckpt / sub if sub else ckpt) / "model.safetensors"
         if f.is_file():
             return f
+    for f in (
+        ckpt / "diffusion_pytorch_model.safetensors",
+        ckpt / "transformer" / "diffusion_pytorch_model.safetensors",
+    ):
+        if f.is_file():  # diffusers DiTTransformer2DModel / DiTPipeline folders
+            return f
     return None
 
 
 def resolve_meta(args: argparse.Namespace, model: torch.nn.Module) -> SamplingMeta:
     ckpt = Path(args.ckpt)
     meta = read_sampling_meta(ckpt) if ckpt.is_dir() else None
+    if meta is None and ckpt.is_dir():
+        from racedit.models.diffusers_io import is_pipeline_folder, pipeline_sampling_meta
+
+        if is_pipeline_folder(ckpt):  # its vae/; the scheduler config only says which DDPM betas
+            meta = pipeline_sampling_meta(ckpt)
     if meta is None:
         if ckpt.is_dir():
             print(
