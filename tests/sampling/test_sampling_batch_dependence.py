@@ -3,8 +3,10 @@
 depends, the same call with the same batch size reproduces the same bytes. Guided halves: joint vs separate.
 """
 
+import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +141,15 @@ def test_cli_says_when_batch_dependent_and_records_it(tmp_path, capsys):
     first = out.read_bytes()
     assert main([*args, "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
     assert out.read_bytes() == first  # the same command, the same bytes
+
+    # evaluation file: the record names the label order by the hash of arr_1 (batches are runs of it)
+    npz = tmp_path / "s.npz"
+    eval_args = ["--ckpt", str(model_dir), "--num-samples", "5", "--npz", str(npz), "--steps", "2"]
+    assert main([*eval_args, "--batch-size", "2", "--chunk-size", "4", "--no-progress"]) == 0
+    rec = json.loads(npz.with_suffix(".json").read_text())
+    with np.load(npz) as z:
+        assert rec["class_order_sha256"] == hashlib.sha256(z["arr_1"].astype("<i8").tobytes()).hexdigest()
+    assert rec["batch_size"] == 2 and rec["chunk_size"] == 4 and rec["batch_dependence"] is not None
 
     race_dir = tmp_path / "race"
     racedit.save_model(moe_model("race", "threshold", in_channels=3), race_dir)
