@@ -8,6 +8,7 @@ from the command line as ``section.key=value`` (the value is parsed as YAML: ``3
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 from pathlib import Path
@@ -171,14 +172,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is not None:  # `base: other.yaml` inherits, this file's keys win
         parent = load_yaml(path.parent / base)
-        data = _deep_merge(parent, data)
+        data = deep_merge(parent, data)
     return data
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, recursively; the one merge every config layer uses.
+
+    A mapping merged onto a mapping merges key by key; any other value (a list, a scalar, ``None``)
+    replaces what ``base`` held, so ``moe: null`` removes a section. Neither input is modified.
+    """
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
     return out
 
 

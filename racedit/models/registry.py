@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from racedit.config.core import ConfigError, from_dict, to_dict
+from racedit.config.core import ConfigError, deep_merge, from_dict, to_dict
 from racedit.connections.config import ConnectionConfig
 from racedit.models.config import ModelConfig
 from racedit.moe.config import MoEConfig
@@ -69,27 +69,103 @@ def config_from_name(name: str) -> ModelConfig:
     )
 
 
-def resolve_model_config(name: str | None = None, **overrides: Any) -> ModelConfig:
-    """Registry name (optional) + overrides (nested dicts or dotted keys) -> validated ModelConfig."""
-    data = to_dict(config_from_name(name)) if name else to_dict(ModelConfig())
+class ModelNameError(ConfigError):
+    """A registry name and explicit keys describe different models; the message names both."""
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Keyword overrides (nested dicts, dataclasses or dotted keys) -> one nested dict."""
+    nested: dict[str, Any] = {}
     for key, value in overrides.items():
-        value = to_dict(value)
         *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf] = {**node[leaf], **value}
-        else:
-            node[leaf] = value
+        node: dict[str, Any] = {}
+        part: dict[str, Any] = node
+        for parent in parents:
+            part = part.setdefault(parent, {})
+        part[leaf] = to_dict(value)
+        nested = deep_merge(nested, node)
+    return nested
+
+
+def _check_name_agrees(name: str, preset: ModelConfig, given: dict[str, Any]) -> None:
+    """Explicit keys may refine what the name leaves open (sizes, router, losses...), never contradict
+    what it states: the family (dense or MoE), the patch, ``k`` in ``E`` and the connection."""
+
+    def clash(key: str, says: str, value: Any) -> ModelNameError:
+        return ModelNameError(
+            f"model.name {name} says {says} but model.{key}={value}; change one of them "
+            "(or drop model.name and give every key)"
+        )
+
+    if "patch_size" in given and given["patch_size"] != preset.patch_size:
+        raise clash("patch_size", f"patch_size={preset.patch_size}", given["patch_size"])
+    if "moe" in given:
+        moe = given["moe"]
+        if preset.moe is None and moe is not None:
+            raise ModelNameError(
+                f"model.name {name} says a dense DiT but a model.moe section is given; use a RaceDiT-<size>/"
+                f"<patch>-<k>in<E> name for an MoE, or set model.moe to null"
+            )
+        if preset.moe is not None and moe is None:
+            raise clash("moe", f"an MoE ({preset.moe.k}in{preset.moe.num_experts})", "null")
+        if preset.moe is not None and isinstance(moe, dict):
+            for key in ("k", "num_experts"):
+                if key in moe and moe[key] != getattr(preset.moe, key):
+                    raise clash(f"moe.{key}", f"{key}={getattr(preset.moe, key)}", moe[key])
+    connection = given.get("connection")
+    if isinstance(connection, dict):
+        stated = to_dict(preset.connection)
+        for key in ("kind", "rate", "dynamic"):
+            if key in connection and connection[key] != stated[key]:
+                what = (
+                    f"connection {preset.connection.suffix}"
+                    if preset.connection.suffix
+                    else "no connection suffix"
+                )
+                raise clash(f"connection.{key}", f"{what} ({key}={stated[key]})", connection[key])
+
+
+def resolve_model_config(name: str | None = None, **overrides: Any) -> ModelConfig:
+    """Registry name (a preset, optional) + overrides (nested dicts or dotted keys) -> validated ModelConfig.
+
+    The name is expanded once; explicit keys are merged onto it with ``deep_merge``. A key that
+    contradicts the name (``RaceDiT-S/2-2in8`` with ``moe.k=4``, ``DiT-S/2`` with a ``moe`` section)
+    raises ``ModelNameError`` naming both. What the name does not fix (depth, width, heads, the
+    router, the losses) may be set freely; ``model_name`` then reports the model honestly.
+    """
+    given = _nest(overrides)
+    if name:
+        preset = config_from_name(name)
+        _check_name_agrees(name, preset, given)
+        data = deep_merge(to_dict(preset), given)
+    else:
+        data = deep_merge(to_dict(ModelConfig()), given)
     try:
         return from_dict(ModelConfig, data)
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(str(err)) from None
+
+
+def model_name(cfg: ModelConfig) -> str:
+    """The registry name of a resolved config (the inverse of ``config_from_name``), for logs and reports.
+
+    ``RaceDiT-S/2-2in8``, ``DiT-XL/2-HCx2``. A shape that is no preset size is spelled out:
+    ``RaceDiT-custom(d4,w128,h4)/2-2in8`` (depth, width, heads). The name states family, size, patch,
+    experts and connection; other keys (router, gating, losses, ``moe.every``, ``hidden_split``) are
+    not part of it.
+    """
+    shape = (cfg.depth, cfg.hidden_size, cfg.num_heads)
+    size = next((s for s, preset in SIZES.items() if preset == shape), None)
+    size = size or f"custom(d{cfg.depth},w{cfg.hidden_size},h{cfg.num_heads})"
+    family = "RaceDiT" if cfg.moe is not None else "DiT"
+    name = f"{family}-{size}/{cfg.patch_size}"
+    if cfg.moe is not None:
+        name += f"-{cfg.moe.k}in{cfg.moe.num_experts}"
+    if cfg.connection.suffix:
+        name += f"-{cfg.connection.suffix}"
+    return name
 
 
 def zoo_names(include_connections: bool = True) -> list[str]:
