@@ -59,6 +59,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if hasattr(tp, "from_config_data"):  # a section that expands itself (e.g. a zoo name)
+            return tp.from_config_data(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=key)
@@ -118,6 +120,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) -> plain dict / list / scalars, ready for YAML or JSON."""
+    if hasattr(obj, "to_config_data") and not isinstance(obj, type):
+        return obj.to_config_data()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

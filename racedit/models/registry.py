@@ -12,6 +12,7 @@ Names follow DiT and Race-DiT:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from racedit.config.core import ConfigError, deep_merge, from_dict, to_dict
@@ -133,19 +134,83 @@ def resolve_model_config(name: str | None = None, **overrides: Any) -> ModelConf
     raises ``ModelNameError`` naming both. What the name does not fix (depth, width, heads, the
     router, the losses) may be set freely; ``model_name`` then reports the model honestly.
     """
-    given = _nest(overrides)
+    return _resolve(name, _nest(overrides), prefix="")
+
+
+def _resolve(name: str | None, given: dict[str, Any], prefix: str) -> ModelConfig:
     if name:
-        preset = config_from_name(name)
+        try:
+            preset = config_from_name(name)
+        except ValueError as err:
+            raise ConfigError(f"{prefix}.name: {err}" if prefix else str(err)) from None
         _check_name_agrees(name, preset, given)
         data = deep_merge(to_dict(preset), given)
     else:
         data = deep_merge(to_dict(ModelConfig()), given)
     try:
-        return from_dict(ModelConfig, data)
+        return from_dict(ModelConfig, data, prefix=prefix)
     except (ValueError, TypeError) as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{prefix}: {err}" if prefix else str(err)) from None
+
+
+# Keys a run takes from its data (shape, classes) and objective (learn_sigma) unless the section gives them.
+DATA_KEYS = ("input_size", "in_channels", "num_classes", "learn_sigma")
+
+
+@dataclass
+class ModelSection:
+    """The ``model:`` section of a run config, typed: a zoo name (a preset) expanded once, plus the keys
+    written next to it, validated by the config core when the file is read.
+
+    ``config`` is the resolved architecture; the keys listed in ``from_data`` were not written and
+    hold ModelConfig's defaults until ``bind`` takes them from the dataset and the objective. The
+    section dumps back (``to_dict``) as the full resolved mapping without those keys, which reads
+    back to the same model; ``name`` is derived from it (``model_name``).
+    """
+
+    config: ModelConfig = field(default_factory=lambda: config_from_name("RaceDiT-B/2-2in8"))
+    from_data: tuple[str, ...] = DATA_KEYS
+
+    @classmethod
+    def from_config_data(cls, data: Any, key: str = "model") -> ModelSection:
+        if not isinstance(data, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping (a zoo name and ModelConfig keys)")
+        given = {k: v for k, v in data.items() if not (k in DATA_KEYS and v is None)}  # null: from the data
+        name = given.pop("name", None)
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"config key '{key}.name' must be a string such as RaceDiT-B/2-2in8")
+        config = _resolve(name, _nest(given), prefix=key)
+        return cls(config, tuple(k for k in DATA_KEYS if k not in given))
+
+    def to_config_data(self) -> dict[str, Any]:
+        return {k: v for k, v in to_dict(self.config).items() if k not in self.from_data}
+
+    @property
+    def name(self) -> str:
+        return model_name(self.config)
+
+    def bind(self, sample_shape: tuple[int, int, int], num_classes: int, learn_sigma: bool) -> ModelConfig:
+        """The architecture for data of ``sample_shape`` (C, H, W) with ``num_classes`` classes: keys the
+        section did not give come from the data; a given key the data contradicts is an error naming both."""
+        C, H, W = (int(v) for v in sample_shape)
+        if H != W:
+            raise ConfigError(f"the dataset's samples are {H}x{W}; the DiT needs square inputs")
+        data = {"input_size": H, "in_channels": C, "num_classes": int(num_classes)}
+        for key, value in data.items():
+            given = getattr(self.config, key)
+            if key not in self.from_data and given != value:
+                raise ConfigError(
+                    f"the dataset does not match the model: data samples have shape (C, H, W) = ({C}, {H}, "
+                    f"{W}) and {num_classes} classes, but model.{key} = {given} (dataset value: {value}). "
+                    f"Remove model.{key} to take it from the data, or use the data this model was meant for"
+                )
+        data["learn_sigma"] = learn_sigma
+        try:
+            return replace(self.config, **{k: v for k, v in data.items() if k in self.from_data})
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
 
 
 def model_name(cfg: ModelConfig) -> str:

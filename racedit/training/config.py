@@ -9,20 +9,22 @@ sample: {every: 10000, classes: [207, 360, 387, 974, 88, 979, 417, 279]}
 log: {every: 100, trackers: [tensorboard]}
 ```
 
-``model`` stays a mapping here because its defaults come from the registry name and the dataset
-(``input_size``, ``in_channels`` and ``num_classes`` default to the data's shape and classes); it is
-validated by ``resolve_model_config`` when the run is built (an unknown key is still an error).
+``model`` is a ``racedit.models.registry.ModelSection``: the zoo name is a preset expanded once into a
+typed ModelConfig when the file is read (explicit keys refine it; a key that contradicts the name is an
+error naming both). ``input_size``, ``in_channels`` and ``num_classes`` default to the data's shape and
+classes, ``learn_sigma`` to the objective's; the run binds them when it opens its dataset.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from racedit.config.core import ConfigError, load_config
 from racedit.data.config import DataConfig
 from racedit.diffusion.config import DiffusionConfig
+from racedit.models.registry import ModelSection
 
 
 @dataclass
@@ -107,7 +109,7 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "RaceDiT-B/2-2in8"})
+    model: ModelSection = field(default_factory=ModelSection)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

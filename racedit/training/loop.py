@@ -37,8 +37,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from racedit.config.core import ConfigError, to_dict
-from racedit.models import DiT, ForwardAux, ModelConfig, resolve_model_config, save_model
+from racedit.models import DiT, ForwardAux, ModelConfig, save_model
 from racedit.models.loading import model_kwargs
+from racedit.models.registry import ModelSection, model_name
 from racedit.training import checkpoint as ckpt
 from racedit.training.config import RunConfig
 from racedit.training.data import BatchStream
@@ -79,27 +80,15 @@ def check_output_dir(path: Path) -> Path:
     return path
 
 
-def resolve_run_model(model_section: dict[str, Any], dataset: Any, objective_kind: str) -> ModelConfig:
+def resolve_run_model(
+    model_section: ModelSection | dict[str, Any], dataset: Any, objective_kind: str
+) -> ModelConfig:
     """The ``model:`` section -> ModelConfig. ``input_size``, ``in_channels`` and ``num_classes`` default to
     the dataset's; ``learn_sigma`` defaults to the objective's (DDPM learns sigma, flow matching does not).
     A dataset whose sample shape differs from explicitly given model sizes is an error naming both."""
-    section = dict(model_section)
-    name = section.pop("name", None)
-    C, H, W = (int(v) for v in dataset.sample_shape)
-    if H != W:
-        raise ConfigError(f"the dataset's samples are {H}x{W}; the DiT needs square inputs")
-    defaults = {"input_size": H, "in_channels": C, "num_classes": int(dataset.num_classes)}
-    for key, value in defaults.items():
-        given = section.get(key)
-        if given is not None and given != value:
-            raise ConfigError(
-                f"the dataset does not match the model: data samples have shape (C, H, W) = ({C}, {H}, {W}) "
-                f"and {dataset.num_classes} classes, but model.{key} = {given} (dataset value: {value}). "
-                f"Remove model.{key} to take it from the data, or use the data this model was meant for"
-            )
-        section[key] = value
-    section.setdefault("learn_sigma", objective_kind == "ddpm")
-    return resolve_model_config(name, **section)
+    if isinstance(model_section, dict):
+        model_section = ModelSection.from_config_data(model_section)
+    return model_section.bind(dataset.sample_shape, dataset.num_classes, objective_kind == "ddpm")
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -266,7 +255,7 @@ class Trainer:
             self.routing = None
         counts = self.raw_model.param_counts()
         self.log(
-            f"model: {cfg.model.get('name', 'custom')} ({counts['block_params_total'] / 1e6:.2f}M block params, "
+            f"model: {model_name(self.model_cfg)} ({counts['block_params_total'] / 1e6:.2f}M block params, "
             f"{counts['block_params_activated'] / 1e6:.2f}M activated), {self.objective.describe()}, "
             f"{len(self.dataset)} training samples of shape {tuple(self.dataset.sample_shape)}, "
             f"{self.world} process(es) x {self.micro_batch} x {tc.grad_accum} accumulation = "
