@@ -31,7 +31,6 @@ from tqdm import tqdm  # noqa: E402
 import racedit  # noqa: E402
 from bench.common import interleaved_wall_and_cpu, peak_step_memory, print_table  # noqa: E402
 from racedit.models.dit import DiT  # noqa: E402
-from racedit.models.registry import parse_connection  # noqa: E402
 
 DEFAULT_VARIANTS = "HCx1,HCx2,HCx4,DHCx2,DHCx4,FCx2,FCx4,DFCx2,DFCx4,mHCx2,mHCx4"
 
@@ -53,7 +52,7 @@ def build_variants(names: list[str], args: argparse.Namespace) -> dict[str, DiT]
                 p.normal_(0, 0.02)
     models = {"residual": residual}
     for suffix in names:
-        model = racedit.build_model("DiT-S/2", connection=parse_connection(suffix), **kw)
+        model = racedit.build_model(f"DiT-S/2-{suffix}", **kw)
         model.load_state_dict(residual.state_dict(), strict=False)
         models[suffix] = model
     return {name: m.to(args.device).train() for name, m in models.items()}

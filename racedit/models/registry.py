@@ -121,7 +121,7 @@ def _check_name_agrees(name: str, preset: ModelConfig, given: dict[str, Any]) ->
                 what = (
                     f"connection {preset.connection.suffix}"
                     if preset.connection.suffix
-                    else "no connection suffix"
+                    else "a residual connection (no -HCx/-FCx suffix)"
                 )
                 raise clash(f"connection.{key}", f"{what} ({key}={stated[key]})", connection[key])
 

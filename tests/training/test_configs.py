@@ -23,8 +23,7 @@ RUN_CONFIGS = [
 
 def resolved(path: Path):
     cfg = load_run_config(path)
-    section = dict(cfg.model)
-    return cfg, resolve_model_config(section.pop("name", None), **section)
+    return cfg, cfg.model.config  # the typed section: expanded and validated when the file was read
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -123,7 +122,7 @@ def test_overrides_and_unknown_keys() -> None:
     cfg = load_run_config(
         CONFIGS / "demo.yaml", ["train.lr=3e-4", "model.moe.router=token", "log.trackers=[]"]
     )
-    assert cfg.train.lr == 3e-4 and cfg.model["moe"]["router"] == "token" and cfg.log.trackers == []
+    assert cfg.train.lr == 3e-4 and cfg.model.config.moe.router == "token" and cfg.log.trackers == []
     with pytest.raises(ConfigError, match="train.lrr"):
         load_run_config(CONFIGS / "demo.yaml", ["train.lrr=1"])
     with pytest.raises(ConfigError, match="train.max_steps must be >= 1"):
