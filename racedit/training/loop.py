@@ -80,14 +80,10 @@ def check_output_dir(path: Path) -> Path:
     return path
 
 
-def resolve_run_model(
-    model_section: ModelSection | dict[str, Any], dataset: Any, objective_kind: str
-) -> ModelConfig:
+def resolve_run_model(model_section: ModelSection, dataset: Any, objective_kind: str) -> ModelConfig:
     """The ``model:`` section -> ModelConfig. ``input_size``, ``in_channels`` and ``num_classes`` default to
     the dataset's; ``learn_sigma`` defaults to the objective's (DDPM learns sigma, flow matching does not).
     A dataset whose sample shape differs from explicitly given model sizes is an error naming both."""
-    if isinstance(model_section, dict):
-        model_section = ModelSection.from_config_data(model_section)
     return model_section.bind(dataset.sample_shape, dataset.num_classes, objective_kind == "ddpm")
 
 
