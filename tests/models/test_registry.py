@@ -116,3 +116,14 @@ def test_deep_merge_semantics() -> None:
     assert base["model"]["moe"] == {"k": 2, "router": "race"} and over["tags"] == [3]
     merged["tags"].append(4)
     assert over["tags"] == [3]
+
+
+def test_overrides_on_a_saved_model_merge_into_its_sections(tmp_path) -> None:
+    """Overriding one MoE key of a saved model keeps the others (a shallow merge reset them to defaults)."""
+    saved = racedit.build_model("RaceDiT-S/2-1in4", **TINY, moe={"router": "token", "plr_weight": 0.0})
+    racedit.save_model(saved, tmp_path / "m")
+    loaded = racedit.load_model(tmp_path / "m", moe={"eval_routing": "topk"})
+    assert (loaded.arch.moe.k, loaded.arch.moe.num_experts, loaded.arch.moe.router) == (1, 4, "token")
+    assert loaded.arch.moe.eval_routing == "topk" and loaded.arch.moe.plr_weight == 0.0
+    rebuilt = racedit.build_model(config=saved.arch, **{"moe.gating": "softmax"})
+    assert (rebuilt.arch.moe.router, rebuilt.arch.moe.gating) == ("token", "softmax")
