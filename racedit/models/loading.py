@@ -6,11 +6,16 @@ Formats ``load_model`` reads:
 - an official facebookresearch/DiT ``.pt`` file (``DiT-XL-2-256x256.pt``, ``DiT-XL-2-512x512.pt``, or a
   ``train.py`` checkpoint with ``model``/``ema`` entries), or a bare state dict in ``.safetensors``.
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``).
+
+A directory with a ``manifest.json`` (the training export ``final/``, a training checkpoint) is checked
+against it before loading: a file whose bytes changed since it was written is an error naming the file,
+unless ``verify=False`` (for files edited on purpose).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 
 from racedit.config.core import to_dict
+from racedit.io import MANIFEST, sha256_file
 from racedit.models.config import ModelConfig
 from racedit.models.dit import DiT
 from racedit.models.registry import SIZES, resolve_model_config
@@ -80,8 +86,13 @@ def save_model(model: DiT, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> DiT:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", *, verify: bool = True, **overrides: Any
+) -> DiT:
     """Load any supported checkpoint (see the module docstring) as a ``DiT`` in eval mode.
+
+    ``verify`` (default on): a directory's model files are checked against its ``manifest.json`` when it
+    has one; a mismatch raises ``CheckpointError`` naming the file.
 
     ``overrides`` change the architecture read from the file before the weights go in, e.g.
     ``connection={"kind": "hc", "rate": 2}`` initialises an HC DiT from official DiT weights
@@ -94,7 +105,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
             "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt and pass its path"
         )
     if path.is_dir():
-        model = _load_directory(path, overrides)
+        model = _load_directory(path, overrides, verify)
     else:
         state = read_state_dict(path)
         cfg = infer_config(state, **overrides)
@@ -103,13 +114,49 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     return model.to(device).eval()
 
 
-def _load_directory(path: Path, overrides: dict[str, Any]) -> DiT:
+def check_export(path: Path, files: list[str]) -> None:
+    """Compare ``files`` (relative to ``path``) with ``path/manifest.json`` if there is one.
+
+    Only the named files are hashed, so loading the EMA model of a training checkpoint does not read its
+    optimizer state. A file the manifest does not list is not checked (nothing to compare with).
+    """
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{manifest} is unreadable ({err}); load with verify=False to skip the check"
+        ) from None
+    for rel in files:
+        info = listed.get(rel)
+        if info is None:
+            continue
+        f = path / rel
+        if not f.is_file():
+            problem = "is missing"
+        elif f.stat().st_size != info["size"]:
+            problem = f"has {f.stat().st_size} bytes, the manifest says {info['size']}"
+        elif sha256_file(f) != info["sha256"]:
+            problem = "does not match its sha256 in manifest.json (the file changed after it was written)"
+        else:
+            continue
+        raise CheckpointError(
+            f"{f} {problem}: the model may be corrupt. Re-export or re-download it; if you edited it on "
+            "purpose, load with verify=False (racedit-sample --no-verify)"
+        )
+
+
+def _load_directory(path: Path, overrides: dict[str, Any], verify: bool = True) -> DiT:
     for sub in ("", "ema", "model"):
         candidate = path / sub if sub else path
         if (candidate / "config.json").is_file():
+            if verify:
+                prefix = f"{sub}/" if sub else ""
+                names = ["config.json", "model.safetensors", "sampling.json"]
+                check_export(path, [prefix + n for n in names])
             if overrides:
-                import json
-
                 cfg_json = json.loads((candidate / "config.json").read_text())
                 kwargs = {k: v for k, v in cfg_json.items() if not k.startswith("_")}
                 cfg = resolve_model_config(None, **{**kwargs, **overrides})
