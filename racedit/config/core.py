@@ -34,14 +34,14 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str, source: str = "<string>") -> Any:
+def yaml_load(text: str, source: str = "<string>", positions: bool = True) -> Any:
     """Parse YAML ``text`` (safe constructors only); a syntax error is a ConfigError naming
     ``source:line:column`` and the parser's reason."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None and positions else source
         reason = " ".join(p for p in (err.context, err.problem) if p)
         raise ConfigError(f"{where}: invalid YAML: {reason}") from None
     except yaml.YAMLError as err:
@@ -167,7 +167,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml_load(raw, source=f"override {text!r}") if raw.strip() else ""
+    value = yaml_load(raw, source=f"override {text!r}", positions=False) if raw.strip() else ""
     return key.split("."), value
 
 

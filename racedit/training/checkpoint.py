@@ -263,18 +263,26 @@ class LoadedCheckpoint:
 
 
 def read_checkpoint(path: Path, rank: int) -> LoadedCheckpoint:
-    """Read every part of a verified checkpoint into CPU memory (no pickled code is executed)."""
-    try:
-        rng_file = path / "rng" / f"rank_{rank:05d}.pt"
-        return LoadedCheckpoint(
-            path=path,
-            model=load_file(path / "model" / "model.safetensors"),
-            ema=load_file(path / "ema" / "model.safetensors"),
-            optimizer=_torch_load(path / "optimizer.pt"),
-            scheduler=_torch_load(path / "scheduler.pt"),
-            rng=_torch_load(rng_file) if rng_file.is_file() else None,
-            state=json.loads((path / "state.json").read_text()),
-            config_yaml=(path / "config.yaml").read_text(),
-        )
-    except Exception as err:  # a file that verified but does not parse is as bad as a corrupt one
-        raise CheckpointCorrupt(f"{path}: {type(err).__name__}: {err}") from None
+    """Read every part of a verified checkpoint into CPU memory (no pickled code is executed).
+
+    A file that verified but does not parse is as bad as a corrupt one: ``CheckpointCorrupt`` names it.
+    """
+
+    def read(rel: str, how: Callable[[Path], Any]) -> Any:
+        try:
+            return how(path / rel)
+        except Exception as err:
+            text = " ".join(str(err).split())[:300]
+            raise CheckpointCorrupt(f"{path}: {rel} does not load ({type(err).__name__}: {text})") from None
+
+    rng_rel = f"rng/rank_{rank:05d}.pt"
+    return LoadedCheckpoint(
+        path=path,
+        model=read("model/model.safetensors", load_file),
+        ema=read("ema/model.safetensors", load_file),
+        optimizer=read("optimizer.pt", _torch_load),
+        scheduler=read("scheduler.pt", _torch_load),
+        rng=read(rng_rel, _torch_load) if (path / rng_rel).is_file() else None,
+        state=read("state.json", lambda f: json.loads(f.read_text())),
+        config_yaml=read("config.yaml", lambda f: f.read_text()),
+    )

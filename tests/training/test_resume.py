@@ -114,7 +114,9 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path, one_thread, capsys
     assert "resumed from" in out.out + out.err and "step_00000002" in out.out + out.err
     assert result.step == 3
     # the corrupt one is kept for inspection under another name, no longer a candidate
-    assert (tmp_path / "run" / "checkpoints" / "corrupt-step_00000004" / "model" / "model.safetensors").is_file()
+    assert (
+        tmp_path / "run" / "checkpoints" / "corrupt-step_00000004" / "model" / "model.safetensors"
+    ).is_file()
 
 
 def test_resume_refuses_a_different_model(tmp_path: Path, one_thread) -> None:
