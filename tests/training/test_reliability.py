@@ -22,7 +22,8 @@ from racedit.training.loop import ResumeError, Trainer
 
 
 def _train(cfg: dict, resume: str | None = None, overwrite: bool = False) -> Trainer:
-    trainer = Trainer(from_dict(RunConfig, cfg), resume=resume, overwrite=overwrite)
+    extra = {"overwrite": True} if overwrite else {}
+    trainer = Trainer(from_dict(RunConfig, cfg), resume=resume, **extra)
     trainer.run()
     return trainer
 
