@@ -59,9 +59,8 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or inf; training stopped before applying the step."""
 
 
-ResumeError = (
-    resuming.ResumeError
-)  # a checkpoint cannot be resumed from, or the output folder is another run's
+ResumeError = resuming.ResumeError  # re-exported: a run cannot start or resume as asked
+FRESH_START = (None, "", "none", "never")  # values of --resume that mean "start from step 0"
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -136,6 +135,8 @@ class Trainer:
         self.cfg = cfg
         self.resume_arg = resume
         self.overwrite = overwrite  # move another run's checkpoints aside instead of refusing to start
+        self.run_id: str | None = None  # this run's lineage id (new on a fresh start, kept on resume)
+        self.lineage: set[str | None] = set()  # other ids whose checkpoints count as this run's (rotation)
         self.out = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -193,7 +194,7 @@ class Trainer:
             check_output_dir(self.out)
         acc.wait_for_everyone()
         self.dist = ckpt.Distributed(acc.process_index, acc.num_processes, acc.wait_for_everyone)
-        if self.resume_arg in (None, "", "none", "never"):  # a fresh start: the folder must not hold a run
+        if self.resume_arg in FRESH_START:  # a fresh start: the folder must not hold a run
             resuming.claim_output(
                 self.out, self.ckpt_dir, resumed=None, overwrite=self.overwrite, log=self.log, dist=self.dist
             )
@@ -275,7 +276,6 @@ class Trainer:
     def resume(self, model: DiT, optimizer: torch.optim.Optimizer) -> Path | None:
         """Restore everything from the chosen checkpoint (rules: ``racedit/training/resume.py``)."""
         configured = resuming.optimizer_hyperparameters(optimizer)  # this run's, before any load
-        self.run_id, self.lineage = None, set()
 
         def try_load(path: Path) -> tuple[ckpt.LoadedCheckpoint, list[str]]:
             loaded = ckpt.read_checkpoint(path, self.rank)
@@ -289,9 +289,9 @@ class Trainer:
         found = None
         if arg == "auto":
             found = resuming.find_checkpoint(self.ckpt_dir, try_load, self.log, self.dist)
-        elif arg not in (None, "", "none", "never"):
+        elif arg not in FRESH_START:
             found = resuming.load_explicit(Path(arg), try_load)
-        if arg not in (None, "", "none", "never"):  # (a fresh start claimed the folder in setup)
+        if arg not in FRESH_START:  # (a fresh start claimed the folder in setup)
             resuming.claim_output(
                 self.out,
                 self.ckpt_dir,
