@@ -18,9 +18,9 @@ Sections: model (registry name + ModelConfig keys), diffusion, data, train, samp
 see racedit/training/config.py and configs/ for every key. An unknown key is an error naming it.
 
 resuming (--resume auto or DIR) accepts changes to train.lr, the schedule, max_steps, time limits, EMA,
-optimizer hyperparameters, checkpoint/log/sample settings (each is applied and logged as
-"changed on resume: KEY OLD -> NEW"); it refuses changes to the model, diffusion, data, train.seed,
-train.global_batch_size and train.grad_accum, naming the key.
+optimizer hyperparameters, checkpoint/log/sample settings, data.root and data.num_workers (each is
+applied and logged as "changed on resume: KEY OLD -> NEW"); it refuses changes to the model, diffusion,
+the rest of data, train.seed, train.global_batch_size and train.grad_accum, naming the key.
 
 outputs under train.output_dir: checkpoints/step_XXXXXXXX/ (resume with --resume auto),
 final/ (EMA model + sampling.json + manifest.json for sample.py), samples/*.png, logs/ (metrics.jsonl,

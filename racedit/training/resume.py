@@ -43,8 +43,9 @@ class ResumeError(RuntimeError):
 # checkpointed position refers to. The model is compared on its resolved config (a preset name and the
 # explicit keys it expands to are the same model).
 RESUME_REFUSES = ("diffusion", "data", "train.seed", "train.global_batch_size", "train.grad_accum")
-# Exceptions inside refused sections: performance settings that do not change a single value.
-RESUME_ACCEPTS = ("data.num_workers",)
+# Exceptions inside refused sections: loader workers (performance only) and the dataset's location (a
+# run moved to another machine or disk; a different dataset shows as a model mismatch or a data error).
+RESUME_ACCEPTS = ("data.num_workers", "data.root")
 # Not settings of the run: where it lives (a run copied elsewhere resumes there) and the raw model
 # section (compared resolved instead).
 RESUME_IGNORES = ("train.output_dir", "model")
