@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from racedit.cli.common import UserError, add_debug_flag, entry
+from racedit.cli.common import UserError, add_debug_flag, entry, run
+
+PROG = "racedit-train"
 
 EPILOG = """overrides: any config key as section.key=value (YAML values), e.g.
   train.lr=1e-3 train.max_steps=2000 model.moe.router=token sample.every=0 log.trackers=[]
@@ -31,7 +33,7 @@ old-<time>/ (nothing is deleted)."""
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="racedit-train",
+        prog=PROG,
         description="Train a class-conditional (Race-)DiT with Accelerate: one process, DDP, or FSDP "
         "(launch with `accelerate launch` or `torchrun`). Resumable bit for bit on CPU.",
         epilog=EPILOG,
@@ -61,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, validate the config (before anything is loaded), train. User errors raise; ``run`` reports."""
+    """The command: user errors are one stderr line and exit code 2 (``--debug``: the traceback)."""
+    return run(_main, PROG, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Parse, validate the config (before anything is loaded), train; user errors raise."""
     args = build_parser().parse_args(argv)
     from racedit.training.config import load_run_config
 
@@ -86,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The console script and train_imagenet.py: a user error is one stderr line and exit code 2 (--debug: traceback).
-console_entry = entry(main, "racedit-train")
+cli = entry(_main, PROG)  # the console script racedit-train, and train_imagenet.py
 
 if __name__ == "__main__":
-    console_entry()
+    cli()

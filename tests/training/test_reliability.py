@@ -12,7 +12,6 @@ import pytest
 import torch
 from train_helpers import run_python, tiny_run, write_config
 
-from racedit.cli.common import run
 from racedit.cli.train import main
 from racedit.config.core import from_dict
 from racedit.io import write_manifest
@@ -53,7 +52,7 @@ def test_fresh_start_over_checkpoints_is_refused_and_overwrite_moves_them_aside(
     # through the command: one stderr line naming the folder and both ways out, exit 2, nothing touched
     config = write_config(tmp_path / "run.yaml", cfg)
     capsys.readouterr()
-    assert run(main, "racedit-train", ["--config", str(config), "train.max_steps=2"]) == 2
+    assert main(["--config", str(config), "train.max_steps=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert f"{out} already holds 2 checkpoint(s)" in err
@@ -244,7 +243,7 @@ def test_export_manifest_detects_flipped_bytes(tmp_path: Path, one_thread) -> No
 
 def test_invalid_value_is_rejected_at_parse_time(tmp_path: Path, capsys) -> None:
     config = write_config(tmp_path / "c.yaml", tiny_run(tmp_path / "run"))
-    assert run(main, "racedit-train", ["--config", str(config), "--print-config", "train.lr=-1e-3"]) == 2
+    assert main(["--config", str(config), "--print-config", "train.lr=-1e-3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "racedit-train: error: train.lr must be a finite number > 0, got -0.001"
     assert not (tmp_path / "run").exists()
@@ -253,7 +252,7 @@ def test_invalid_value_is_rejected_at_parse_time(tmp_path: Path, capsys) -> None
 def test_yaml_exponent_float_is_accepted(tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  lr: 2e-4\n  output_dir: " + str(tmp_path / "run") + "\n")
-    assert run(main, "racedit-train", ["--config", str(config), "--print-config"]) == 0
+    assert main(["--config", str(config), "--print-config"]) == 0
     assert "lr: 0.0002" in capsys.readouterr().out
 
 
