@@ -80,14 +80,13 @@ def _main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    from racedit.data.format import LatentFormatError
     from racedit.distributed import process_group_scope
     from racedit.training.loop import NonFiniteLossError, ResumeError, train
 
     try:
         with process_group_scope():
             result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (ResumeError, NonFiniteLossError, LatentFormatError) as err:
+    except (ResumeError, NonFiniteLossError) as err:  # (a dataset error is a UserError already)
         raise UserError(str(err)) from err
     print(f"racedit-train: done at step {result.step}; EMA model in {result.export_dir}")
     return 0
