@@ -43,6 +43,7 @@ from racedit.io import MANIFEST, check_manifest, write_manifest
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed to verify or load, kept for inspection
+UNREADABLE = "<unreadable>"  # the run id of a checkpoint whose state.json does not parse
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -114,11 +115,12 @@ def new_run_id() -> str:
 
 
 def run_id_of(path: Path) -> str | None:
-    """The run id recorded in a checkpoint (None: written before run ids existed, or unreadable)."""
+    """The run id recorded in a checkpoint: None when it was written before run ids existed, and
+    ``UNREADABLE`` (no run's id, so rotation never deletes it) when its state.json does not parse."""
     try:
         run_id = json.loads((path / "state.json").read_text()).get("run_id")
     except (OSError, ValueError, AttributeError):
-        return None
+        return UNREADABLE
     return run_id if isinstance(run_id, str) else None
 
 
