@@ -42,7 +42,12 @@ def yaml_load(text: str, source: str = "<string>", positions: bool = True) -> An
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None and positions else source
-        reason = " ".join(p for p in (err.context, err.problem) if p)
+        reason = err.problem or err.context or "syntax error"
+        ctx = err.context_mark
+        if err.context and err.problem and ctx is not None and positions:
+            reason += f" ({err.context} that starts at line {ctx.line + 1}, column {ctx.column + 1})"
+        elif err.context and err.problem:
+            reason += f" ({err.context})"
         raise ConfigError(f"{where}: invalid YAML: {reason}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from None

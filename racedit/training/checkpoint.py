@@ -274,7 +274,8 @@ def read_checkpoint(path: Path, rank: int) -> LoadedCheckpoint:
         try:
             return how(path / rel)
         except Exception as err:
-            text = " ".join(str(err).split())[:300]
+            lines = str(err).strip().splitlines()
+            text = lines[0][:120] + ("..." if len(lines[0]) > 120 or len(lines) > 1 else "") if lines else ""
             raise CheckpointCorrupt(f"{path}: {rel} does not load ({type(err).__name__}: {text})") from None
 
     rng_rel = f"rng/rank_{rank:05d}.pt"

@@ -166,6 +166,23 @@ def test_resume_auto_falls_back_past_checkpoints_that_verify_but_do_not_load(
     )
 
 
+def test_resume_below_newer_checkpoints_is_refused_unless_overwrite(tmp_path: Path, one_thread) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_run(out, train={"max_steps": 4, "checkpoint_every": 2})
+    _train(cfg)
+    older = out / "checkpoints" / "step_00000002"
+    with pytest.raises(
+        ResumeError, match=r"holds newer checkpoints \(step_00000004\).*--resume auto.*--overwrite"
+    ):
+        _train(cfg, resume=str(older))
+    assert _names(out / "checkpoints") == ["step_00000002", "step_00000004"]
+    trainer = _train(cfg, resume=str(older), overwrite=True)  # a branch from step 2; step 4 moved aside
+    (aside,) = out.glob("old-*")
+    assert _names(aside / "checkpoints") == ["step_00000004"]
+    assert _names(out / "checkpoints") == ["step_00000002", "step_00000004"] and trainer.step == 4
+    assert ckpt.run_id_of(out / "checkpoints" / "step_00000004") == ckpt.run_id_of(older)  # same lineage
+
+
 # ----------------------------------------------------------------------------- settings on resume
 
 
