@@ -147,12 +147,7 @@ def _resolve(name: str | None, given: dict[str, Any], prefix: str) -> ModelConfi
         data = deep_merge(to_dict(preset), given)
     else:
         data = deep_merge(to_dict(ModelConfig()), given)
-    try:
-        return from_dict(ModelConfig, data, prefix=prefix)
-    except (ValueError, TypeError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"{prefix}: {err}" if prefix else str(err)) from None
+    return from_dict(ModelConfig, data, prefix=prefix)  # a failed check raises ConfigError naming the key
 
 
 # Keys a run takes from its data (shape, classes) and objective (learn_sigma) unless the section gives them.
