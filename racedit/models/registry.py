@@ -33,7 +33,8 @@ EXPERT_SETTINGS = ((2, 8), (4, 32))  # (k, E) the zoo lists; any kinE parses
 CONNECTION_SUFFIXES = ("HCx2", "HCx4", "DHCx2", "DHCx4", "FCx2", "FCx4", "DFCx2", "DFCx4", "mHCx4")
 
 _NAME = re.compile(
-    r"^(?P<family>DiT|RaceDiT)-(?P<size>S|B|M|L|XL)/(?P<patch>\d+)"
+    r"^(?P<family>DiT|RaceDiT)-(?P<size>S|B|M|L|XL|custom\(d(?P<d>\d+),w(?P<w>\d+),h(?P<h>\d+)\))"
+    r"/(?P<patch>\d+)"
     r"(?:-(?P<k>\d+)in(?P<E>\d+))?"
     r"(?:-(?P<conn>m?D?(?:HC|FC)x\d+))?$"
 )
@@ -55,11 +56,12 @@ def config_from_name(name: str) -> ModelConfig:
     m = _NAME.match(name)
     if m is None:
         raise ValueError(
-            f"unknown model name {name!r}; expected DiT-<S|B|M|L|XL>/<patch>[-<conn>] or "
-            f"RaceDiT-<size>/<patch>-<k>in<E>[-<conn>], e.g. DiT-XL/2, RaceDiT-XL/2-4in32, DiT-XL/2-HCx2 "
+            f"unknown model name {name!r}; expected DiT-<size>/<patch>[-<conn>] or "
+            f"RaceDiT-<size>/<patch>-<k>in<E>[-<conn>] with size S, B, M, L, XL or custom(d<depth>,w<width>,"
+            f"h<heads>), e.g. DiT-XL/2, RaceDiT-XL/2-4in32, DiT-XL/2-HCx2 "
             f"(`python -m racedit.models` lists the zoo)"
         )
-    depth, width, heads = SIZES[m["size"]]
+    depth, width, heads = SIZES[m["size"]] if m["d"] is None else (int(m["d"]), int(m["w"]), int(m["h"]))
     is_race = m["family"] == "RaceDiT"
     if is_race != (m["k"] is not None):
         raise ValueError(f"model name {name!r}: RaceDiT names need '-<k>in<E>', DiT names must not have it")
@@ -121,7 +123,7 @@ def _check_name_agrees(name: str, preset: ModelConfig, given: dict[str, Any]) ->
                 what = (
                     f"connection {preset.connection.suffix}"
                     if preset.connection.suffix
-                    else "a residual connection (no -HCx/-FCx suffix)"
+                    else "a residual connection"
                 )
                 raise clash(f"connection.{key}", f"{what} ({key}={stated[key]})", connection[key])
 
@@ -161,8 +163,8 @@ class ModelSection:
 
     ``config`` is the resolved architecture; the keys listed in ``from_data`` were not written and
     hold ModelConfig's defaults until ``bind`` takes them from the dataset and the objective. The
-    section dumps back (``to_dict``) as the full resolved mapping without those keys, which reads
-    back to the same model; ``name`` is derived from it (``model_name``).
+    section dumps back (``to_dict``) as its derived ``name`` plus the full resolved mapping without
+    those keys, which reads back to the same model.
     """
 
     config: ModelConfig = field(default_factory=lambda: config_from_name("RaceDiT-B/2-2in8"))
@@ -180,7 +182,8 @@ class ModelSection:
         return cls(config, tuple(k for k in DATA_KEYS if k not in given))
 
     def to_config_data(self) -> dict[str, Any]:
-        return {k: v for k, v in to_dict(self.config).items() if k not in self.from_data}
+        keys = {k: v for k, v in to_dict(self.config).items() if k not in self.from_data}
+        return {"name": self.name, **keys}  # the derived name agrees with every key, so this reads back
 
     @property
     def name(self) -> str:
@@ -212,7 +215,8 @@ def model_name(cfg: ModelConfig) -> str:
     """The registry name of a resolved config (the inverse of ``config_from_name``), for logs and reports.
 
     ``RaceDiT-S/2-2in8``, ``DiT-XL/2-HCx2``. A shape that is no preset size is spelled out:
-    ``RaceDiT-custom(d4,w128,h4)/2-2in8`` (depth, width, heads). The name states family, size, patch,
+    ``RaceDiT-custom(d4,w128,h4)/2-2in8`` (depth, width, heads), which parses back too, so
+    ``config_from_name(model_name(cfg))`` builds the same network. The name states family, size, patch,
     experts and connection; other keys (router, gating, losses, ``moe.every``, ``hidden_split``) are
     not part of it.
     """

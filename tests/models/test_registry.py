@@ -77,6 +77,7 @@ def test_model_name_reports_what_was_built() -> None:
     assert model_name(resolve_model_config("RaceDiT-S/2-4in8", moe={"router": "token"})) == "RaceDiT-S/2-4in8"
     custom = resolve_model_config("RaceDiT-S/2-2in8", depth=4, hidden_size=128, num_heads=4)
     assert model_name(custom) == "RaceDiT-custom(d4,w128,h4)/2-2in8"
+    assert config_from_name(model_name(custom)) == custom  # a custom name parses back to the same network
     assert model_name(resolve_model_config(None, depth=12, hidden_size=384, num_heads=6)) == "DiT-S/2"
 
 
@@ -89,7 +90,10 @@ def test_run_config_model_section_is_typed_and_round_trips() -> None:
     bound = cfg.model.bind((1, 8, 8), 10, learn_sigma=False)
     assert (bound.input_size, bound.in_channels, bound.num_classes, bound.learn_sigma) == (8, 1, 10, False)
     # The dump (run.yaml, --print-config) is the resolved section, and reads back to the same model.
-    again = from_dict(RunConfig, to_dict(cfg))
+    dumped = to_dict(cfg)
+    assert dumped["model"]["name"] == "RaceDiT-custom(d4,w128,h4)/2-2in8"
+    assert "input_size" not in dumped["model"]  # still taken from the data when read back
+    again = from_dict(RunConfig, dumped)
     assert again.model == cfg.model
     with pytest.raises(ConfigError, match=r"model\.in_channels = 4 \(dataset value: 1\)"):
         load_run_config("configs/demo.yaml", ["model.in_channels=4"]).model.bind((1, 8, 8), 10, False)
