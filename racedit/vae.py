@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from racedit.cli.common import UserError
+from racedit.errors import UserError
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's VAE
 DEFAULT_SCALING = 0.18215  # SD-VAE latents' scale (Rombach et al. 2022), as DiT uses
