@@ -330,8 +330,9 @@ def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
     except (CheckpointError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(
-            f"cannot load the model from {ckpt} ({type(err).__name__}: {first}); the file is corrupt or not a "
-            "racedit/DiT checkpoint: re-export it or use another checkpoint (--debug shows the traceback)"
+            f"cannot load the model from {weights_file(path) or path} ({type(err).__name__}: {first}); the file "
+            "is corrupt or not a racedit/DiT checkpoint: re-export it or use another checkpoint "
+            "(--debug shows the traceback)"
         ) from err
 
 
