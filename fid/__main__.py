@@ -2,6 +2,7 @@
 
 Examples:
   racedit-fid eval samples/DiT-XL-2/ --ref VIRTUAL_imagenet256_labeled.npz
+  racedit-fid eval samples/DiT-XL-2/ --ref VIRTUAL_imagenet256_labeled.npz --cmmd --clip-score
   accelerate launch -m fid eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # several GPUs
   racedit-fid ref /data/imagenet/train --image-size 256 --out ref_imagenet256.npz
   racedit-fid leaderboard samples/ --out-dir assets/leaderboard
@@ -107,6 +108,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fid.evaluate import evaluate
     from fid.record import parse_meta
 
+    clip = None
+    if args.cmmd or args.clip_score:
+        from fid.clip import ClipEmbedder
+
+        clip = ClipEmbedder.from_pretrained(args.clip_weights)
+    class_names = None
+    if args.clip_class_names is not None:
+        class_names = [n.strip() for n in open(args.clip_class_names).read().splitlines() if n.strip()]
     src = open_images(args.samples, image_size=args.image_size, settings_path=args.settings)
     check_reference(args.ref)
     model = _build_model(args)
@@ -121,6 +130,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pr_chunk=args.pr_chunk,
         pr_precision=args.pr_precision,
         kid=args.kid,
+        clip=clip,
+        cmmd=args.cmmd,
+        clip_score=args.clip_score,
+        class_names=class_names,
         meta=parse_meta(args.meta),
         record_path=args.out,
         write=False,
@@ -144,6 +157,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     if result.kid is not None:
         rows += [("KID (not ADM)", result.kid), ("KID std", result.kid_std)]
+    if result.cmmd is not None:
+        rows.append(("CMMD", result.cmmd))
+    if result.clip_score is not None:
+        rows.append(("CLIP score", result.clip_score))
+    if clip is not None and not clip.is_reference_network:
+        print("WARNING: not CLIP ViT-L/14@336px: CMMD / CLIP score are not the literature's", file=sys.stderr)
     print(f"{result.num_samples} samples vs {result.num_ref_images} reference images ({args.ref})")
     for name, value in rows:
         print(f"{name:>16}: {value:.4f}")
@@ -221,6 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--kid", action="store_true", help="also compute KID (outside the ADM protocol, labelled so)"
+    )
+    p.add_argument(
+        "--cmmd",
+        action="store_true",
+        help="also compute CMMD (CLIP ViT-L/14@336px embeddings, Gaussian RBF sigma 10, x1000) against the "
+        "reference batch's images",
+    )
+    p.add_argument(
+        "--clip-score",
+        action="store_true",
+        help="also compute the CLIP score: 100 * max(cos(image, 'a photo of a {class name}.'), 0), mean; "
+        "needs the samples' labels (arr_1)",
+    )
+    p.add_argument(
+        "--clip-weights",
+        metavar="DIR",
+        default=None,
+        help="CLIPModel folder of openai/clip-vit-large-patch14-336; default: $RACEDIT_CLIP_WEIGHTS, then the "
+        "Hugging Face cache. Never downloaded",
+    )
+    p.add_argument(
+        "--clip-class-names",
+        metavar="FILE",
+        default=None,
+        help="class names for the CLIP score prompts, one per line in label order (default: ImageNet-1k)",
     )
     p.add_argument(
         "--is-split-size",

@@ -16,6 +16,7 @@ _LAZY = {
     "ForwardAux": "racedit.models.aux",
     "ModelConfig": "racedit.models.config",
     "build_model": "racedit.models.loading",
+    "export_diffusers": "racedit.models.diffusers_io",
     "load_model": "racedit.models.loading",
     "save_model": "racedit.models.loading",
 }

@@ -7,7 +7,10 @@ Two modes:
   Finished chunks are kept in ``samples.parts/``; rerunning the same command after a kill resumes.
   ``torchrun --nproc_per_node K sample.py ...`` or ``accelerate launch sample.py ...`` spreads the
   chunks over processes (CPU: gloo); sample i always gets seed (seed, i), so the result does not
-  depend on the number of processes or the batch size.
+  depend on the number of processes, nor on the batch size, except for models whose routing ranks
+  across the batch (BL / BE choice, expert race with top-K at eval): then each image depends on the
+  other samples of its batch; the command says so, the record holds the batch size and the label order,
+  and the same command with the same --batch-size reproduces the same bytes.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from racedit.cli.args import (
 from racedit.cli.common import UserError, add_debug_flag, entry, progress, run
 from racedit.config.core import to_dict
 from racedit.diffusion import DiffusionConfig, build_objective
-from racedit.io import atomic_write_json, sha256_file
+from racedit.io import atomic_write_json, sha256_bytes, sha256_file
 from racedit.sampling.classes import default_class_names, parse_classes
 from racedit.sampling.generate import QUANTIZATIONS, generate
 from racedit.sampling.grid import save_grid
@@ -54,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument(
-        "--ckpt", required=True, help="racedit model/checkpoint directory, or an official DiT .pt file"
+        "--ckpt",
+        required=True,
+        help="racedit model/checkpoint directory, an official DiT .pt file, or a diffusers "
+        "DiTTransformer2DModel / DiTPipeline folder (a pipeline's vae/ is the VAE)",
     )
     g.add_argument(
         "--objective",
@@ -138,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="guide 'all' prediction channels, or only the first N (3 reproduces DiT's numbers)",
     )
     g.add_argument(
+        "--cfg-halves",
+        choices=["joint", "separate"],
+        default="joint",
+        help="guided forward: conditional and unconditional halves in one batch (DiT's protocol), or two "
+        "forwards; differs only for routing that ranks across the batch (they then race together or not)",
+    )
+    g.add_argument(
         "--spacing",
         choices=["linspace", "leading", "trailing"],
         default=None,
@@ -185,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=positive_int,
         default=32,
-        help="samples per forward (results do not depend on it)",
+        help="samples per forward (results do not depend on it unless the routing ranks across the batch)",
     )
     g.add_argument(
         "--device", default=None, help="torch device (default: the process's accelerator, else cpu)"
@@ -221,12 +234,23 @@ def weights_file(ckpt: Path) -> Path | None:
         f = (ckpt / sub if sub else ckpt) / "model.safetensors"
         if f.is_file():
             return f
+    for f in (
+        ckpt / "diffusion_pytorch_model.safetensors",
+        ckpt / "transformer" / "diffusion_pytorch_model.safetensors",
+    ):
+        if f.is_file():  # diffusers DiTTransformer2DModel / DiTPipeline folders
+            return f
     return None
 
 
 def resolve_meta(args: argparse.Namespace, model: torch.nn.Module) -> SamplingMeta:
     ckpt = Path(args.ckpt)
     meta = read_sampling_meta(ckpt) if ckpt.is_dir() else None
+    if meta is None and ckpt.is_dir():
+        from racedit.models.diffusers_io import is_pipeline_folder, pipeline_sampling_meta
+
+        if is_pipeline_folder(ckpt):  # its vae/; the scheduler config only says which DDPM betas
+            meta = pipeline_sampling_meta(ckpt)
     if meta is None:
         if ckpt.is_dir():
             print(
@@ -391,6 +415,17 @@ def _sample(argv: list[str] | None) -> int:
             "shift_factor": latent_vae.shift_factor,
         }
 
+    from racedit.moe import inference_batch_dependence
+
+    dependence = inference_batch_dependence(model)
+    if dependence is not None and is_main:
+        print(
+            f"[sample] batch-dependent: {dependence}; each image depends on the other samples of its batch "
+            f"(--batch-size {args.batch_size}{'' if grid_mode else f' within chunks of {args.chunk_size}'}, "
+            f"label order, --cfg-halves {args.cfg_halves}); the same command reproduces the same bytes",
+            file=sys.stderr,
+        )
+
     wfile = weights_file(Path(args.ckpt))
     settings: dict[str, Any] = {
         "ckpt": str(Path(args.ckpt).resolve()),
@@ -405,12 +440,16 @@ def _sample(argv: list[str] | None) -> int:
         "cfg_scale": cfg_scale,
         "guidance_interval": list(args.guidance_interval) if args.guidance_interval else None,
         "guidance_channels": args.guidance_channels,
+        "cfg_halves": args.cfg_halves,
+        "batch_dependence": dependence,  # None: each image is independent of its batch (to float rounding)
         "seed": args.seed,
         "seeding": "sample i: torch CPU generator seeded by SeedSequence([seed, i])",
         "quantization": args.quantization,
         "quantization_rule": QUANTIZATIONS[args.quantization],
         "precision": args.precision,
     }
+    if dependence is not None:  # part of what the images are: a different batch size gives other images
+        settings["batch_size"] = args.batch_size
     common = dict(
         objective=objective,
         sampler=sampler,
@@ -418,6 +457,7 @@ def _sample(argv: list[str] | None) -> int:
         cfg_scale=cfg_scale,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_channels=args.guidance_channels,
+        guidance_halves=args.cfg_halves,
         seed=args.seed,
         decode=decode,
         batch_size=args.batch_size,
@@ -455,7 +495,9 @@ def _grid(args, model, classes, class_names, settings, common) -> int:
     images = generate(model, labels, progress=not args.no_progress, **common)
     out = Path(args.out or "sample.png")
     save_grid(images, labels, class_names, out, nrow=args.nrow or args.num_per_class)
-    record = _record(settings, {"mode": "grid", "classes": classes, "num_per_class": args.num_per_class})
+    extra = {"mode": "grid", "classes": classes, "num_per_class": args.num_per_class}
+    extra |= {"batch_size": args.batch_size, "class_order": labels}  # the order batches were filled in
+    record = _record(settings, extra)
     record["params"] = model.param_counts()
     atomic_write_json(out.with_suffix(".json"), record, indent=2)
     print(f"[sample] wrote {out} ({len(labels)} samples) and {out.with_suffix('.json')}")
@@ -526,6 +568,10 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
                 "file": str(npz),
                 "layout": "arr_0 uint8 (N,H,W,3), arr_1 int64 labels",
                 "num_processes": world,
+                "batch_size": args.batch_size,
+                # batches are consecutive runs of arr_1 within each chunk, in this order
+                "class_order": "arr_1 (sampling order)",
+                "class_order_sha256": sha256_bytes(labels.astype("<i8").tobytes()),
             },
         )
         record["params"] = model.param_counts()

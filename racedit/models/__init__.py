@@ -12,6 +12,7 @@ _LAZY = {
     "ModelConfig": "racedit.models.config",
     "build_model": "racedit.models.loading",
     "config_from_name": "racedit.models.registry",
+    "export_diffusers": "racedit.models.diffusers_io",
     "infer_config": "racedit.models.loading",
     "load_model": "racedit.models.loading",
     "resolve_model_config": "racedit.models.registry",
