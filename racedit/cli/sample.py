@@ -342,7 +342,8 @@ def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
                     f"{config} is not a valid model config ({err}); re-export the model with "
                     "racedit.save_model or restore config.json from the run's checkpoint"
                 ) from None
-            if not (model_dir / "model.safetensors").is_file():
+            weights = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # racedit, diffusers
+            if not any((model_dir / name).is_file() for name in weights):
                 raise UserError(
                     f"{model_dir} has a config.json but no model.safetensors (the weights); the export is "
                     "incomplete: re-export it, or pass a training checkpoint directory (it holds ema/)"
