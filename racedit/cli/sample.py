@@ -342,7 +342,8 @@ def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
                     f"{config} is not a valid model config ({err}); re-export the model with "
                     "racedit.save_model or restore config.json from the run's checkpoint"
                 ) from None
-            if not (model_dir / "model.safetensors").is_file():
+            weights = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # racedit, diffusers
+            if not any((model_dir / name).is_file() for name in weights):
                 raise UserError(
                     f"{model_dir} has a config.json but no model.safetensors (the weights); the export is "
                     "incomplete: re-export it, or pass a training checkpoint directory (it holds ema/)"
@@ -354,8 +355,9 @@ def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
     except (CheckpointError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(
-            f"cannot load the model from {ckpt} ({type(err).__name__}: {first}); the file is corrupt or not a "
-            "racedit/DiT checkpoint: re-export it or use another checkpoint (--debug shows the traceback)"
+            f"cannot load the model from {weights_file(path) or path} ({type(err).__name__}: {first}); the file "
+            "is corrupt or not a racedit/DiT checkpoint: re-export it or use another checkpoint "
+            "(--debug shows the traceback)"
         ) from err
 
 
