@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "DiTTransformer2DModel / DiTPipeline folder (a pipeline's vae/ is the VAE)",
     )
     g.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load an exported model even when its files no longer match the hashes in its manifest.json "
+        "(for weights edited on purpose; by default a mismatch is an error naming the file)",
+    )
+    g.add_argument(
         "--objective",
         choices=["ddpm", "flow"],
         default=None,
@@ -315,7 +321,7 @@ def _main(argv: list[str] | None = None) -> int:
 cli = entry(_main, PROG)  # the console script racedit-sample
 
 
-def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
+def load_checkpoint(ckpt: str, device: torch.device, verify: bool = True) -> torch.nn.Module:
     """``load_model`` with every failure of the files (missing, corrupt, malformed) as one UserError."""
     from safetensors import SafetensorError
 
@@ -349,7 +355,7 @@ def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
                     "incomplete: re-export it, or pass a training checkpoint directory (it holds ema/)"
                 )
     try:
-        return load_model(ckpt, device=device)
+        return load_model(ckpt, device=device, verify=verify)
     except UserError:
         raise
     except (CheckpointError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
@@ -376,7 +382,7 @@ def _sample(argv: list[str] | None) -> int:
     if grid_mode and not is_main:
         return 0  # a grid is drawn by one process
 
-    model = load_checkpoint(args.ckpt, device)
+    model = load_checkpoint(args.ckpt, device, verify=not args.no_verify)
     meta = resolve_meta(args, model)
     dcfg: DiffusionConfig = meta.diffusion_config()
     objective = build_objective(dcfg, model.arch.learn_sigma)
