@@ -587,14 +587,17 @@ class Trainer:
         if acc.is_main_process:
             export_dir = save_model(self.ema.model, self.out / "final")
             from racedit.sampling import write_sampling_meta
+            from racedit.vae import DEFAULT_SCALING, DEFAULT_VAE
 
             meta = getattr(self.dataset, "meta", {}) or {}
             space = getattr(self.dataset, "space", "pixel")
             write_sampling_meta(
                 export_dir,
                 space=space,
-                vae=meta.get("vae", "stabilityai/sd-vae-ft-ema") if space == "latent" else None,
-                scaling_factor=float(meta.get("scaling_factor", 0.18215)),
+                vae=meta.get("vae", DEFAULT_VAE) if space == "latent" else None,
+                vae_subfolder=meta.get("vae_subfolder") if space == "latent" else None,
+                scaling_factor=float(meta.get("scaling_factor", DEFAULT_SCALING)),
+                shift_factor=meta.get("shift_factor") if space == "latent" else None,
                 diffusion=to_dict(self.cfg.diffusion),
                 class_names=self.class_names(),
                 image_size=int(
