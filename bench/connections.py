@@ -32,6 +32,7 @@ import racedit  # noqa: E402
 from bench.common import interleaved_wall_and_cpu, peak_step_memory, print_table  # noqa: E402
 from racedit.models.dit import DiT  # noqa: E402
 from racedit.models.registry import parse_connection  # noqa: E402
+from racedit.training.optim import build_adamw, resolve_adamw_impl  # noqa: E402
 
 DEFAULT_VARIANTS = "HCx1,HCx2,HCx4,DHCx2,DHCx4,FCx2,FCx4,DFCx2,DFCx4,mHCx2,mHCx4"
 
@@ -67,7 +68,7 @@ def make_step(model: DiT, args: argparse.Namespace) -> Callable[[], None]:
     t = torch.randint(0, 1000, (B,), generator=g).to(args.device)
     y = torch.randint(0, 10, (B,), generator=g).to(args.device)
     target = torch.randn(B, model.arch.out_channels, S, S, generator=g).to(args.device)
-    opt = torch.optim.AdamW(model.optimizer_param_groups(0.0), lr=1e-4)
+    opt, _ = build_adamw(model.optimizer_param_groups(0.0), lr=1e-4, device=args.device)  # as the trainer
 
     def step() -> None:  # self-contained: the gradients it allocates are freed before it returns
         torch.nn.functional.mse_loss(model(x, t, y), target).backward()
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(
         f"Connections: one training step vs the residual DiT (D={args.hidden_size}, depth={args.depth}, "
         f"L={L} tokens, batch={args.batch_size}, {args.device}; medians of {args.repeats} interleaved repeats; "
-        f"peak memory: {'profiler allocation events' if args.device == 'cpu' else 'CUDA allocator'})",
+        f"peak memory: {'profiler allocation events' if args.device == 'cpu' else 'CUDA allocator'}; "
+        f"AdamW {resolve_adamw_impl('auto', args.device)})",
         [
             "variant",
             "step CPU ms",

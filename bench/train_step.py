@@ -25,6 +25,7 @@ from bench.common import interleaved_wall_and_cpu, peak_step_memory, print_table
 from racedit.diffusion import DiffusionConfig, build_objective  # noqa: E402
 from racedit.models import ForwardAux  # noqa: E402
 from racedit.moe.losses import aux_losses  # noqa: E402
+from racedit.training.optim import build_adamw, resolve_adamw_impl  # noqa: E402
 
 ROUTERS = ("token", "expert", "bl", "be", "le", "race")
 CONNECTIONS = ("HCx2", "DHCx2", "FCx4", "DFCx4", "mHCx4")
@@ -60,7 +61,7 @@ def make_step(name: str, overrides: dict, args: argparse.Namespace) -> Callable[
     ).to(args.device)
     model.train()
     objective = build_objective(DiffusionConfig(objective=args.objective), learn_sigma=model.arch.learn_sigma)
-    opt = torch.optim.AdamW(model.optimizer_param_groups(0.0), lr=1e-4)
+    opt, _ = build_adamw(model.optimizer_param_groups(0.0), lr=1e-4, device=args.device)  # as the trainer
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(args.batch_size, 4, args.input_size, args.input_size, generator=g).to(args.device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(args.device)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(
         f"Training step vs {base} (D={args.hidden_size}, depth={args.depth}, "
         f"L={(args.input_size // args.patch) ** 2} tokens, batch={args.batch_size}, {args.objective}, "
-        f"{args.device}; medians of {args.repeats} interleaved rounds)",
+        f"{args.device}; medians of {args.repeats} interleaved rounds; AdamW {resolve_adamw_impl('auto', args.device)})",
         ["model", "images/s", "wall ratio", "CPU-time ratio", "peak MiB", "memory ratio"],
         rows,
     )

@@ -43,7 +43,13 @@ from torch import Tensor, nn
 
 from racedit.connections.base import Branch, Connection, Stream
 from racedit.connections.config import ConnectionConfig
-from racedit.connections.hyper import DYNAMIC_SCALE_INIT, HyperStream
+from racedit.connections.hyper import (
+    DYNAMIC_SCALE_INIT,
+    HyperStream,
+    mix_streams,
+    mix_streams_reference,
+    recompute_in_backward,
+)
 
 RES_DIAG_INIT = 0.9  # H_res diagonal at init (the rest of each column spread evenly)
 
@@ -60,6 +66,43 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
         log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
     return log_p.exp().to(logits.dtype)
+
+
+class _SinkhornFast(torch.autograd.Function):
+    """``sinkhorn`` with a hand-written backward: the forward runs exactly the reference's log-domain
+    iterates (bitwise the same values) without recording 2 x iters autograd nodes and their saved tensors;
+    the backward replays the iterates (cheap: (..., n, n)) and, for each normalisation y = x - logsumexp(x)
+    along its axis, applies dx = dy - exp(y) * sum(dy) in reverse order. Saves only the logits."""
+
+    @staticmethod
+    def _iterates(log_p: Tensor, iters: int) -> list[Tensor]:
+        out = []
+        for step in range(2 * iters):
+            log_p = log_p - torch.logsumexp(log_p, dim=-1 if step % 2 == 0 else -2, keepdim=True)
+            out.append(log_p)
+        return out
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, iters: int) -> Tensor:  # type: ignore[override]
+        ctx.iters = iters
+        ctx.save_for_backward(logits)
+        return _SinkhornFast._iterates(logits, iters)[-1].exp()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (logits,) = ctx.saved_tensors
+        with torch.no_grad():
+            ys = _SinkhornFast._iterates(logits, ctx.iters)
+            g = grad * ys[-1].exp()  # through the final exp
+            for step in reversed(range(2 * ctx.iters)):
+                dim = -1 if step % 2 == 0 else -2
+                g = g - ys[step].exp() * g.sum(dim=dim, keepdim=True)
+        return g, None
+
+
+def sinkhorn_fast(logits: Tensor, iters: int) -> Tensor:
+    """The fast path of ``sinkhorn``: the same result (bitwise) and gradient, see ``_SinkhornFast``."""
+    return _SinkhornFast.apply(logits.float(), iters).to(logits.dtype)
 
 
 class ManifoldHyperConnection(Connection):
@@ -100,22 +143,29 @@ class ManifoldHyperConnection(Connection):
         c = math.log(RES_DIAG_INIT / (1 - RES_DIAG_INIT) * (n - 1))
         self.res_bias.copy_(c * torch.eye(n, device=device))
 
-    def coefficients(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(H_pre (B, L, n), H_res (B, L, n, n), H_post (B, L, n)) for ``state`` (B, L, n, D)."""
+    def _logits(self, state: Tensor) -> Tensor:  # (B, L, n, D) -> (B, L, 2n + n^2)
+        x = F.rms_norm(state.flatten(-2), (self.rate * self.dim,), eps=1e-6)  # (B, L, n D)
+        return self.proj(x)
+
+    def coefficients(self, state: Tensor, fast: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """(H_pre (B, L, n), H_res (B, L, n, n), H_post (B, L, n)) for ``state`` (B, L, n, D).
+
+        ``fast``: the normalised n D-wide input is recomputed in backward rather than saved, and Sinkhorn
+        runs in ``sinkhorn_fast``; otherwise plain autograd through ``sinkhorn`` (the reference)."""
         n = self.rate
-        x = F.rms_norm(state.flatten(-2), (n * self.dim,), eps=1e-6)  # (B, L, n D)
-        z = self.proj(x)  # (B, L, 2n + n^2)
+        z = recompute_in_backward(self._logits, state) if fast else self._logits(state)
         pre = torch.sigmoid(self.pre_scale * z[..., :n] + self.pre_bias)
         post = 2 * torch.sigmoid(self.post_scale * z[..., n : 2 * n] + self.post_bias)
         res_logits = self.res_scale * z[..., 2 * n :].unflatten(-1, (n, n)) + self.res_bias
-        return pre, sinkhorn(res_logits, self.sinkhorn_iters), post
+        project = sinkhorn_fast if fast else sinkhorn
+        return pre, project(res_logits, self.sinkhorn_iters), post
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, n, D) -> (B, L, n, D)
-        pre, res, post = self.coefficients(state)
-        h0 = torch.einsum("...nd,...n->...d", state, pre)  # (B, L, D)
-        out = branch(h0)  # (B, L, D)
-        mixed = torch.einsum("...id,...ij->...jd", state, res)  # (B, L, n, D)
-        return mixed + post.unsqueeze(-1) * out.unsqueeze(-2)
+        return mix_streams(state, *self.coefficients(state), branch)
+
+    def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
+        """The plain path: log-domain Sinkhorn under autograd, einsum read/mix/write."""
+        return mix_streams_reference(state, *self.coefficients(state, fast=False), branch)
 
     def flops(self, num_tokens: int) -> int:
         """Per token: projection n D (n^2 + 2n), read/mix/write n (n + 2) D, Sinkhorn 2 iters n^2."""
@@ -135,4 +185,4 @@ def build_connection(cfg: ConnectionConfig, dim: int, layer_index: int, sublayer
     return ManifoldHyperConnection(dim, cfg.rate, 2 * layer_index + sublayer_index, cfg.sinkhorn_iters)
 
 
-__all__ = ["ManifoldHyperConnection", "build_connection", "build_stream", "sinkhorn"]
+__all__ = ["ManifoldHyperConnection", "build_connection", "build_stream", "sinkhorn", "sinkhorn_fast"]
