@@ -35,6 +35,8 @@ have the plain einsum formula beside them (``reference_forward``), tested to agr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -126,12 +128,14 @@ class HyperConnection(Connection):
         dynamic: bool = False,
         tanh: bool = True,
         streams_first: bool = False,
+        output_init_gain: float = 1.0,
     ):
         super().__init__()
         if streams_first and dynamic:
             raise ValueError("the streams-first layout is for static HC; dynamic HC mixes per token")
         self.dim, self.rate, self.index = dim, rate, index
         self.dynamic, self.use_tanh, self.streams_first = dynamic, tanh, streams_first
+        self.output_init_gain = output_init_gain
         n = rate
         self.static_pre = nn.Parameter(torch.empty(n))  # (n,)    A_m
         self.static_res = nn.Parameter(torch.empty(n, n))  # (n, n)  A_r
@@ -210,9 +214,16 @@ def build_stream(cfg: ConnectionConfig, dim: int) -> Stream:
 
 
 def build_connection(cfg: ConnectionConfig, dim: int, layer_index: int, sublayer_index: int) -> Connection:
-    """Sublayer k = 2 * layer + sublayer reads stream k mod n at init."""
+    """Sublayer k = 2 * layer + sublayer reads stream k mod n at init; its output projection's initial std is
+    scaled by sqrt(n) (the paper's init; ``cfg.scale_output_init``)."""
     return HyperConnection(
-        dim, cfg.rate, 2 * layer_index + sublayer_index, cfg.dynamic, cfg.tanh, streams_first=not cfg.dynamic
+        dim,
+        cfg.rate,
+        2 * layer_index + sublayer_index,
+        cfg.dynamic,
+        cfg.tanh,
+        streams_first=not cfg.dynamic,
+        output_init_gain=math.sqrt(cfg.rate) if cfg.scale_output_init else 1.0,
     )
 
 
