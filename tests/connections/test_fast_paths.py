@@ -81,8 +81,8 @@ def test_mhc_fast_sinkhorn_and_recomputed_coefficients(rate: int) -> None:
 
 @pytest.mark.parametrize("spread", [1.0, 5.0, 100.0])
 def test_sinkhorn_fast_matches_the_log_domain_reference(spread: float) -> None:
-    """Same iterates, so bitwise the same values; the hand-written backward against autograd's.
-    spread 100: entries e^-300 apart, beyond float32's exp range, where only the log domain is safe."""
+    """spread 100: logits hundreds of nats apart, far beyond float32's exp range (the fast path computes in
+    float64, whose exp reaches e^-700); values and the hand-written backward against autograd's."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, 4, 4, generator=g) * spread).requires_grad_(True)
     cotangent = torch.randn(6, 4, 4, generator=g)
@@ -90,8 +90,8 @@ def test_sinkhorn_fast_matches_the_log_domain_reference(spread: float) -> None:
     (gf,) = torch.autograd.grad((fast * cotangent).sum(), logits)
     ref = sinkhorn(logits, 20)
     (gr,) = torch.autograd.grad((ref * cotangent).sum(), logits)
-    assert torch.equal(fast, ref)
-    assert torch.isfinite(gf).all()
-    # float32, back through 40 normalisations: each step's dx = dy - p * sum(dy) rounds to ~6e-8 relative,
-    # and autograd orders the same sums differently; 40 steps x a few ulps of O(1) gradients ~ 1e-5.
+    assert fast.dtype == torch.float32 and torch.isfinite(gf).all()
+    # the float32 reference rounds each of its 40 normalisations (~6e-8 relative): ~2.4e-6 relative after
+    # 40, against the fast path's float64; gradients go back through the same 40 steps
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-5)
