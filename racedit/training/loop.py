@@ -219,7 +219,7 @@ class Trainer:
         model = DiT(**model_kwargs(self.model_cfg)).to(self.device)
         if tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup, thresholds=tc.ema_thresholds)
+        self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
         from racedit.training.optim import build_adamw
 
         optimizer, self.optimizer_impl = build_adamw(
@@ -465,6 +465,7 @@ class Trainer:
                 sampler=sc.sampler or self.objective.samplers[0],
                 steps=sc.steps,
                 cfg_scale=sc.cfg_scale,
+                guidance_halves=sc.cfg_halves,
                 seed=seed,
                 decode=self.decoder(),
                 batch_size=sc.batch_size,
