@@ -20,7 +20,13 @@ Branch = Callable[[Tensor], Tensor]
 
 
 class Connection(nn.Module):
-    """One sublayer's connection: ``forward(state, branch) -> new state``."""
+    """One sublayer's connection: ``forward(state, branch) -> new state``.
+
+    ``output_init_gain``: the factor the model applies, after its own init, to the initial weights of this
+    sublayer's output projection (1 for every connection but hyper-connections, where it is sqrt(n)).
+    """
+
+    output_init_gain: float = 1.0
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -83,6 +83,18 @@ class FracConnection(Connection):
         return pre, res, post
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, D) -> (B, L, D)
+        """Read and mix as (m x m) @ (m x D/m) products per token (static: one matrix broadcast over the
+        tokens; dynamic: batched), the write accumulated in place onto the mix (no pass per fraction)."""
+        m = self.rate
+        H = state.unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
+        pre, res, post = self.coefficients(H)
+        h0 = torch.matmul(pre.transpose(-1, -2), H).flatten(-2)  # (B, L, D)
+        out = branch(h0).unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
+        mixed = torch.matmul(res.transpose(-1, -2), H)  # (B, L, m, D/m); its backward reads only inputs
+        return mixed.addcmul_(post.unsqueeze(-1), out).flatten(-2)
+
+    def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
+        """The plain einsum formula (connections.md, FC)."""
         m = self.rate
         H = state.unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
         pre, res, post = self.coefficients(H)

@@ -331,6 +331,15 @@ class DiT(ModelMixin, ConfigMixin):
         for module in self.modules():
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
+        with torch.no_grad():  # hyper-connections: output projections' std x sqrt(n) (docs/design.md)
+            for block in self.blocks:
+                for conn, weights in (
+                    (block.conn_attn, [block.attn.proj.weight]),
+                    (block.conn_mlp, block.mlp.output_weights()),
+                ):
+                    if conn.output_init_gain != 1.0:
+                        for w in weights:
+                            w.mul_(conn.output_init_gain)
 
     # ---------------------------------------------------------------------------- forward
 

@@ -100,6 +100,9 @@ class MoEFeedForward(FeedForward):
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
 
+    def output_weights(self) -> list[Tensor]:
+        return [self.w2]  # (E, H, D): every expert's output projection
+
     def no_weight_decay(self) -> set[str]:
         return {"b1", "b2"}  # stacked biases are 2-D; keep them out of weight decay like other biases
 

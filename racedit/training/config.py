@@ -42,7 +42,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    fused: bool | None = None  # None = fused AdamW when every parameter is on CUDA
+    # AdamW implementation: auto = the one measured fastest on the device (racedit/training/optim.py)
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     max_grad_norm: float | None = None  # gradient clipping (None = off, DiT's recipe)
     # --- schedule: linear warmup, then constant or cosine down to lr * min_lr_ratio ----------
     lr_schedule: Literal["constant", "cosine"] = "constant"

@@ -205,13 +205,15 @@ class Trainer:
         if tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-        fused = tc.fused if tc.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
+        from racedit.training.optim import build_adamw
+
+        optimizer, self.optimizer_impl = build_adamw(
             model.optimizer_param_groups(tc.weight_decay),
             lr=tc.lr,
             betas=(tc.adam_beta1, tc.adam_beta2),
             eps=tc.adam_eps,
-            fused=fused or None,
+            impl=tc.optimizer_impl,
+            device=self.device,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -255,7 +257,7 @@ class Trainer:
             f"{counts['block_params_activated'] / 1e6:.2f}M activated), {self.objective.describe()}, "
             f"{len(self.dataset)} training samples of shape {tuple(self.dataset.sample_shape)}, "
             f"{self.world} process(es) x {self.micro_batch} x {tc.grad_accum} accumulation = "
-            f"{tc.global_batch_size} per step"
+            f"{tc.global_batch_size} per step, AdamW {self.optimizer_impl} (train.optimizer_impl={tc.optimizer_impl})"
         )
 
     def resume(self, model: DiT, optimizer: torch.optim.Optimizer) -> Path | None:
@@ -292,6 +294,9 @@ class Trainer:
         model.load_state_dict(loaded.model, strict=True)
         self.ema.load_state_dict(loaded.ema)
         optimizer.load_state_dict(loaded.optimizer)
+        from racedit.training.optim import keep_impl
+
+        keep_impl(optimizer, self.optimizer_impl)
         self.scheduler.load_state_dict(loaded.scheduler)
         resuming.reapply_hyperparameters(optimizer, self.scheduler, configured)
         state = loaded.state

@@ -227,14 +227,16 @@ def test_fc_init_is_exactly_residual(rate: int) -> None:
 
 def test_streams_expand_and_collapse() -> None:
     h = torch.randn(B, L, D)
-    stream = build_stream(ConnectionConfig(kind="hc", rate=4), D)
-    state = stream.expand(h)
-    assert state.shape == (B, L, 4, D)
-    assert torch.equal(stream.collapse(state), h)  # the mean of equal copies: exact
-    different = torch.randn(B, L, 4, D)
-    torch.testing.assert_close(stream.collapse(different), different.mean(2))
-    with pytest.raises(ValueError, match="stream state"):
-        stream.collapse(torch.randn(B, L, 2, D))
+    # static HC keeps the streams first (n, B, L, D); dynamic HC and mHC token-major (B, L, n, D)
+    for cfg, axis in [(ConnectionConfig(kind="hc", rate=4), 0), (ConnectionConfig(kind="mhc", rate=4), 2)]:
+        stream = build_stream(cfg, D)
+        state = stream.expand(h)
+        assert state.shape == torch.Size([4, B, L, D] if axis == 0 else [B, L, 4, D])
+        assert torch.equal(stream.collapse(state), h)  # the mean of equal copies: exact
+        different = torch.randn(state.shape)
+        torch.testing.assert_close(stream.collapse(different), different.mean(axis))
+        with pytest.raises(ValueError, match="stream state"):
+            stream.collapse(torch.randn(B, L, 2, D).movedim(2, axis))
     for cfg in (ConnectionConfig(), ConnectionConfig(kind="fc", rate=4, dynamic=True)):
         s = build_stream(cfg, D)
         assert type(s) is Stream and s.expand(h) is h and s.collapse(h) is h
