@@ -1,7 +1,7 @@
 """Training-step time and peak memory of each residual-stream variant relative to the residual DiT.
 
 Every variant is the same small DiT (same weights where they share names) with a different connection
-(connections.md: HC, dynamic HC, FC, dynamic FC, mHC). One training step = forward, MSE loss,
+(docs/spec/connections.md: HC, dynamic HC, FC, dynamic FC, mHC). One training step = forward, MSE loss,
 backward, AdamW step. Timing is interleaved round-robin over the variants (warm-up, repeats, median;
 both wall-clock and process CPU time), so machine drift hits every variant alike. On a CPU shared with
 other processes the CPU-time ratio is the steadier one; both are printed.
@@ -79,7 +79,7 @@ def make_step(model: DiT, args: argparse.Namespace) -> Callable[[], None]:
 
 def fast_vs_reference(args: argparse.Namespace) -> None:
     """One sublayer's connection, forward + backward with a trivial branch: ``forward`` (the fast path) against
-    ``reference_forward`` (the connections.md formula) on the same weights and state, process CPU time."""
+    ``reference_forward`` (the docs/spec/connections.md formula) on the same weights and state, process CPU time."""
     from racedit.connections import FracConnection, HyperConnection, ManifoldHyperConnection
 
     B, L, D = args.batch_size, (args.input_size // 2) ** 2, args.hidden_size

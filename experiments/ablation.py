@@ -1,4 +1,4 @@
-"""Small-scale reproduction of the Race-DiT ablations (race-dit.md section 8) on the embedded digits.
+"""Small-scale reproduction of the Race-DiT ablations (docs/spec/race-dit.md section 8) on the embedded digits.
 
     python -m experiments.ablation --config configs/repro/ablation_digits.yaml
 

@@ -2,7 +2,7 @@
 
 Every sublayer of every block (attention, then MLP/MoE) owns one ``Connection``. The block hands it
 the stream state and the sublayer's branch ``T``, a function ``(B, L, D) -> (B, L, D)`` that already
-contains the adaLN modulate and gate (connections.md: ``T(h) = gate * F(modulate(LN(h)))``).
+contains the adaLN modulate and gate (docs/spec/connections.md: ``T(h) = gate * F(modulate(LN(h)))``).
 The model owns one ``Stream``, which turns the patch embedding into the stream state before the
 first block and back into ``(B, L, D)`` before the final layer.
 
@@ -37,7 +37,7 @@ class Connection(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names (local to this module) of parameters that must not be weight-decayed: every static mixing
-        parameter, bias and scale (connections.md); only the dynamic projection matrices are decayed."""
+        parameter, bias and scale (docs/spec/connections.md); only the dynamic projection matrices are decayed."""
         return {name for name, _ in self.named_parameters() if not name.endswith("proj.weight")}
 
 

@@ -1,4 +1,4 @@
-"""Configuration of the residual stream (connections.md)."""
+"""Configuration of the residual stream (docs/spec/connections.md)."""
 
 from __future__ import annotations
 

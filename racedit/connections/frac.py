@@ -1,6 +1,6 @@
 """Frac-connections (Zhu et al., arXiv 2503.14125): the residual stream split into m fractions.
 
-connections.md, "Frac-connections (FC), m fractions". Instead of n copies, the width-D stream is
+docs/spec/connections.md, "Frac-connections (FC), m fractions". Instead of n copies, the width-D stream is
 viewed as m fractions of width D/m: ``H = reshape(h, (m, D/m))``. The state stays (B, L, D), so the
 model-level stream is the plain one (no expand, no collapse). Per sublayer:
 
@@ -27,7 +27,7 @@ from racedit.connections.hyper import DYNAMIC_SCALE_INIT
 
 
 class FracConnection(Connection):
-    """One sublayer's frac-connection, static or dynamic (connections.md, FC).
+    """One sublayer's frac-connection, static or dynamic (docs/spec/connections.md, FC).
 
     Parameters (state-dict names):
     - ``static_pre``  (m, m)  Y[i, j]: how much of fraction i goes into fraction j of the sublayer input;
@@ -58,7 +58,7 @@ class FracConnection(Connection):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Identity init (connections.md): Y = A = I, B = 1, W = 0, s = 0.01."""
+        """Identity init (docs/spec/connections.md): Y = A = I, B = 1, W = 0, s = 0.01."""
         eye = torch.eye(self.rate, device=self.static_pre.device)
         self.static_pre.copy_(eye)
         self.static_res.copy_(eye)
@@ -94,7 +94,7 @@ class FracConnection(Connection):
         return mixed.addcmul_(post.unsqueeze(-1), out).flatten(-2)
 
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
-        """The plain einsum formula (connections.md, FC)."""
+        """The plain einsum formula (docs/spec/connections.md, FC)."""
         m = self.rate
         H = state.unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
         pre, res, post = self.coefficients(H)

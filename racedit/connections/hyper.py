@@ -1,6 +1,6 @@
 """Hyper-connections (Zhu et al., ICLR 2025, arXiv 2409.19606): n copies of the residual stream.
 
-connections.md, "Hyper-connections (HC), expansion rate n". The state is ``H`` of shape (B, L, n, D).
+docs/spec/connections.md, "Hyper-connections (HC), expansion rate n". The state is ``H`` of shape (B, L, n, D).
 Each sublayer T reads a weighted sum of the streams and writes its output back to every stream,
 while the streams are mixed among themselves:
 
@@ -101,7 +101,7 @@ def mix_streams(state: Tensor, pre: Tensor, res: Tensor, post: Tensor, branch: B
 
 
 def mix_streams_reference(state: Tensor, pre: Tensor, res: Tensor, post: Tensor, branch: Branch) -> Tensor:
-    """The plain formula of ``mix_streams`` (connections.md): h0 = sum_i pre_i H_i,
+    """The plain formula of ``mix_streams`` (docs/spec/connections.md): h0 = sum_i pre_i H_i,
     H_j <- post_j T(h0) + sum_i res_ij H_i, as einsums over the token-major state (B, L, n, D)."""
     h0 = torch.einsum("...nd,...n->...d", state, pre)  # (B, L, D)
     out = branch(h0)  # (B, L, D)
@@ -110,7 +110,7 @@ def mix_streams_reference(state: Tensor, pre: Tensor, res: Tensor, post: Tensor,
 
 
 class HyperConnection(Connection):
-    """One sublayer's hyper-connection, static or dynamic (connections.md, HC).
+    """One sublayer's hyper-connection, static or dynamic (docs/spec/connections.md, HC).
 
     Parameters (names as they appear in a state dict, e.g. ``blocks.3.conn_mlp.static_res``):
     - ``static_pre``  (n,)    A_m: how much of each stream the sublayer reads;
@@ -149,7 +149,7 @@ class HyperConnection(Connection):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Identity init (connections.md): A_m = e_{k mod n}, A_r = I, B = 1, W = 0, s = 0.01."""
+        """Identity init (docs/spec/connections.md): A_m = e_{k mod n}, A_r = I, B = 1, W = 0, s = 0.01."""
         n = self.rate
         self.static_pre.zero_()
         self.static_pre[self.index % n] = 1.0
@@ -188,7 +188,7 @@ class HyperConnection(Connection):
         return new.view(state.shape)
 
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
-        """The plain einsum formula (connections.md), in the same layout as ``forward``."""
+        """The plain einsum formula (docs/spec/connections.md), in the same layout as ``forward``."""
         if not self.streams_first:
             return mix_streams_reference(state, *self.coefficients(state), branch)
         token_major = state.movedim(0, -2)  # (B, L, n, D)

@@ -1,6 +1,6 @@
 """Manifold-constrained hyper-connections (mHC; DeepSeek, arXiv 2512.24880).
 
-connections.md, "mHC". Same n-stream state (B, L, n, D) and update as hyper-connections,
+docs/spec/connections.md, "mHC". Same n-stream state (B, L, n, D) and update as hyper-connections,
 
     h0 = sum_i H_pre[i] * H_i,     H_j <- H_post[j] * T(h0) + sum_i H_res[i, j] * H_i,
 
@@ -95,7 +95,7 @@ def sinkhorn_fast(logits: Tensor, iters: int) -> Tensor:
 
 
 class ManifoldHyperConnection(Connection):
-    """One sublayer's mHC (connections.md, mHC).
+    """One sublayer's mHC (docs/spec/connections.md, mHC).
 
     Parameters (state-dict names):
     - ``proj`` Linear(n D, n + n + n^2) without bias: output columns [W_pre | W_post | W_res (row-major i, j)];

@@ -20,7 +20,7 @@ from racedit.connections.config import ConnectionConfig
 from racedit.models.config import ModelConfig
 from racedit.moe.config import MoEConfig
 
-# name -> (depth, width, heads); race-dit.md section 1 ("M" is new in Race-DiT).
+# name -> (depth, width, heads); docs/spec/race-dit.md section 1 ("M" is new in Race-DiT).
 SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),

@@ -6,7 +6,7 @@ Reads top to bottom (``Trainer.run``):
 2. builds the model (registry name + overrides, shapes from the dataset), objective, EMA (fp32), AdamW
    with the model's parameter groups, warmup + constant/cosine LR, the per-process batch stream;
 3. resumes model, EMA, optimizer, scheduler, step, data position and every RNG from a checkpoint;
-4. each step: ``grad_accum`` micro-batches of ``L = L_diffusion + sum(MoE aux terms)`` (race-dit.md
+4. each step: ``grad_accum`` micro-batches of ``L = L_diffusion + sum(MoE aux terms)`` (docs/spec/race-dit.md
    sections 4-5; the MoE layers record into a ``ForwardAux``), backward, global-norm clip, AdamW step,
    EMA update; the loss is averaged over processes before it is checked for NaN/inf and logged;
 5. every N steps: logged scalars, a labelled sample grid from the EMA model, routing metrics and the

@@ -1,5 +1,5 @@
 """Connections inside (Race-)DiT: equality with the residual DiT at init, learning, save/load,
-official-DiT initialisation, weight-decay groups, Race-DiT blocks (issue 5, connections.md)."""
+official-DiT initialisation, weight-decay groups, Race-DiT blocks (issue 5, docs/spec/connections.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every connection's fast ``forward`` against its plain ``reference_forward`` (the einsum formulas of
-connections.md; log-domain Sinkhorn under autograd for mHC): values and gradients, at random weights."""
+docs/spec/connections.md; log-domain Sinkhorn under autograd for mHC): values and gradients, at random weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Connection modules on their own: the update rules of connections.md against loop-by-loop references,
+"""Connection modules on their own: the update rules of docs/spec/connections.md against loop-by-loop references,
 their identity init, parameter counts, FLOPs and configuration errors."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _randomize(module: torch.nn.Module, seed: int = 1) -> None:
 
 
 def _hc_reference(conn: HyperConnection, H: torch.Tensor, T) -> torch.Tensor:
-    """connections.md HC, written per stream: h0 = sum_i A_m[i] H_i; H_j <- B[j] T(h0) + sum_i A_r[i,j] H_i."""
+    """docs/spec/connections.md HC, written per stream: h0 = sum_i A_m[i] H_i; H_j <- B[j] T(h0) + sum_i A_r[i,j] H_i."""
     n = conn.rate
     Am = conn.static_pre.expand(B, L, n)
     Ar = conn.static_res.expand(B, L, n, n)
@@ -67,7 +67,7 @@ def _hc_reference(conn: HyperConnection, H: torch.Tensor, T) -> torch.Tensor:
 
 
 def _fc_reference(conn: FracConnection, h: torch.Tensor, T) -> torch.Tensor:
-    """connections.md FC, per fraction: h0 = concat_j sum_i Y[i,j] H_i; H_j <- B[j] T_out_j + sum_i A[i,j] H_i."""
+    """docs/spec/connections.md FC, per fraction: h0 = concat_j sum_i Y[i,j] H_i; H_j <- B[j] T_out_j + sum_i A[i,j] H_i."""
     m, f = conn.rate, D // conn.rate
     H = [h[..., i * f : (i + 1) * f] for i in range(m)]
     Y = conn.static_pre.expand(B, L, m, m).clone()
@@ -92,7 +92,7 @@ def _fc_reference(conn: FracConnection, h: torch.Tensor, T) -> torch.Tensor:
 
 
 def _mhc_reference(conn: ManifoldHyperConnection, H: torch.Tensor, T) -> torch.Tensor:
-    """connections.md mHC with the textbook Sinkhorn-Knopp (divide exp by row sums, then column sums)."""
+    """docs/spec/connections.md mHC with the textbook Sinkhorn-Knopp (divide exp by row sums, then column sums)."""
     n = conn.rate
     x = H.flatten(-2)
     x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # RMSNorm over n D
