@@ -258,7 +258,9 @@ def test_zoo_reproduces_the_dit_paper_numbers():
     assert round(xl["params_total"] / 1e6) == 675
     assert round(xl["gflops"], 1) == 118.6
     assert round(describe("DiT-B/2")["gflops"], 1) == 23.0  # DiT paper: 23.01
-    assert round(describe("DiT-XL/2")["block_params_total"] / 1e9, 3) == 0.669  # docs/spec/race-dit.md section 7
+    assert (
+        round(describe("DiT-XL/2")["block_params_total"] / 1e9, 3) == 0.669
+    )  # docs/spec/race-dit.md section 7
 
 
 def test_zoo_json_has_the_documented_keys(capsys):
