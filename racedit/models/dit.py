@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,9 @@ from torch import Tensor, nn
 
 from racedit.config.core import from_dict
 from racedit.connections import build_connection, build_stream
-from racedit.connections.config import ConnectionConfig
 from racedit.models.aux import ForwardAux
 from racedit.models.config import ModelConfig
 from racedit.models.ffn import FeedForward, Mlp
-from racedit.moe.config import MoEConfig
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -59,20 +56,32 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+# Divisor shift of the frequency exponent: DiT divides by half, diffusers' Timesteps(downscale_freq_shift=1)
+# (used by its DiTTransformer2DModel) by half - 1.
+FREQ_SHIFT = {"official": 0, "diffusers": 1}
+
+
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal features (cos, sin) then a 2-layer SiLU MLP."""
 
-    def __init__(self, dim: int, frequency_embedding_size: int = 256):
+    def __init__(self, dim: int, frequency_embedding_size: int = 256, convention: str = "official"):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = FREQ_SHIFT[convention]
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-        """t (B,) possibly fractional -> (B, dim); the first half cos, the second half sin."""
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> Tensor:
+        """t (B,) possibly fractional -> (B, dim); the first half cos, the second half sin.
+
+        Frequencies ``exp(-ln(max_period) i / (half - freq_shift))``, i < half: 0 is DiT's, 1 diffusers'
+        (same operation order as diffusers' ``get_timestep_embedding``, so its features match bitwise).
+        """
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+            -math.log(max_period)
+            * torch.arange(half, dtype=torch.float32, device=t.device)
+            / (half - freq_shift)
         )
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -81,7 +90,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -134,11 +143,18 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block. Each sublayer is ``T(h) = gate * F(modulate(LN(h), shift, scale))`` and its
     connection decides how T reads from and writes to the stream (plain residual: ``h + T(h)``)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn: FeedForward, connections: tuple[nn.Module, nn.Module]):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn: FeedForward,
+        connections: tuple[nn.Module, nn.Module],
+        mlp_norm_eps: float = 1e-6,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
         self.conn_attn, self.conn_mlp = connections
@@ -184,7 +200,8 @@ class DiT(ModelMixin, ConfigMixin):
     """Class-conditional diffusion transformer; ``model(x, t, y) -> (B, out_channels, H, W)``.
 
     Saved as ``config.json`` + ``model.safetensors`` by ``save_pretrained``; ``from_pretrained``
-    rebuilds it. ``self.arch`` is the typed ``ModelConfig``.
+    rebuilds it. ``self.arch`` is the typed ``ModelConfig`` every caller reads; ``self.config`` is
+    diffusers' plain copy of the same arguments, kept only for ``save_pretrained``/``from_pretrained``.
     """
 
     config_name = "config.json"
@@ -203,30 +220,25 @@ class DiT(ModelMixin, ConfigMixin):
         num_classes: int = 1000,
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = True,
+        timestep_convention: str = "official",
+        mlp_norm_eps: float = 1e-6,
         moe: dict[str, Any] | None = None,
         connection: dict[str, Any] | None = None,
     ):
         super().__init__()
-        arch = ModelConfig(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
-            class_dropout_prob=class_dropout_prob,
-            learn_sigma=learn_sigma,
-            moe=from_dict(MoEConfig, moe, "moe") if moe is not None else None,
-            connection=from_dict(ConnectionConfig, connection or {}, "connection"),
-        )
+        # The signature above is what diffusers' ConfigMixin serialises (config.json); ``register_to_config``
+        # has already stored the arguments in ``self.config``. The one typed view of them is ``self.arch``,
+        # validated by the config core (a test keeps the signature and ModelConfig's fields equal).
+        given = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        if given.get("connection") is None:  # None = the plain residual connection
+            given.pop("connection", None)
+        arch = from_dict(ModelConfig, given)
         self.arch = arch
         D = arch.hidden_size
         self.gradient_checkpointing = False
 
         self.x_embedder = PatchEmbed(arch.patch_size, arch.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, convention=arch.timestep_convention)
         self.y_embedder = LabelEmbedder(arch.num_classes, D, arch.class_dropout_prob)
         # Fixed sin-cos embedding; a frozen parameter (not a buffer) so official checkpoints map 1:1.
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.num_tokens, D), requires_grad=False)
@@ -237,6 +249,7 @@ class DiT(ModelMixin, ConfigMixin):
                 arch.num_heads,
                 self._build_ffn(arch, i),
                 (build_connection(arch.connection, D, i, 0), build_connection(arch.connection, D, i, 1)),
+                arch.mlp_norm_eps,
             )
             for i in range(arch.depth)
         )
@@ -318,6 +331,15 @@ class DiT(ModelMixin, ConfigMixin):
         for module in self.modules():
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
+        with torch.no_grad():  # hyper-connections: output projections' std x sqrt(n) (docs/design.md)
+            for block in self.blocks:
+                for conn, weights in (
+                    (block.conn_attn, [block.attn.proj.weight]),
+                    (block.conn_mlp, block.mlp.output_weights()),
+                ):
+                    if conn.output_init_gain != 1.0:
+                        for w in weights:
+                            w.mul_(conn.output_init_gain)
 
     # ---------------------------------------------------------------------------- forward
 
@@ -398,13 +420,6 @@ class DiT(ModelMixin, ConfigMixin):
             (other if param.ndim < 2 or name in no_decay else decay).append(param)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.arch
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.arch)
 
 
 #################################################################################

@@ -4,13 +4,20 @@ Formats ``load_model`` reads:
 - a racedit model directory (``config.json`` + ``model.safetensors``, written by ``save_pretrained``);
 - a racedit training checkpoint directory (it holds an ``ema/`` or ``model/`` model directory);
 - an official facebookresearch/DiT ``.pt`` file (``DiT-XL-2-256x256.pt``, ``DiT-XL-2-512x512.pt``, or a
-  ``train.py`` checkpoint with ``model``/``ema`` entries), or a bare state dict in ``.safetensors``.
+  ``train.py`` checkpoint with ``model``/``ema`` entries), or a bare state dict in ``.safetensors``;
+- a diffusers ``DiTTransformer2DModel`` folder, or a ``DiTPipeline`` folder (its ``transformer/``): see
+  ``racedit.models.diffusers_io``; the model carries diffusers' timestep convention and gives its outputs.
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``).
+
+A directory with a ``manifest.json`` (the training export ``final/``, a training checkpoint) is checked
+against it before loading: a file whose bytes changed since it was written is an error naming the file,
+unless ``verify=False`` (for files edited on purpose).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -21,9 +28,11 @@ from typing import Any
 
 import torch
 
-from racedit.config.core import to_dict
+from racedit.config.core import deep_merge, to_dict
+from racedit.io import MANIFEST, sha256_file
 from racedit.models.config import ModelConfig
 from racedit.models.dit import DiT
+from racedit.models.errors import CheckpointError
 from racedit.models.registry import SIZES, resolve_model_config
 
 # Keys every DiT state dict (ours and the official one) has.
@@ -35,10 +44,6 @@ _REQUIRED_KEYS = (
 )
 # Modules the official layout does not have; they start at their identity init when absent.
 _OPTIONAL_PREFIXES = re.compile(r"(^stream\.|\.conn_attn\.|\.conn_mlp\.)")
-
-
-class CheckpointError(ValueError):
-    """A file is not a checkpoint we can load; the message says what was expected."""
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -54,7 +59,7 @@ def build_model(name: str | None = None, config: ModelConfig | None = None, **ov
     if config is not None:
         if name is not None:
             raise ValueError("pass either a registry name or a ModelConfig, not both")
-        cfg = resolve_model_config(None, **{**to_dict(config), **overrides})
+        cfg = resolve_model_config(None, **deep_merge(to_dict(config), overrides))
     else:
         cfg = resolve_model_config(name, **overrides)
     return DiT(**model_kwargs(cfg))
@@ -80,8 +85,13 @@ def save_model(model: DiT, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> DiT:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", *, verify: bool = True, **overrides: Any
+) -> DiT:
     """Load any supported checkpoint (see the module docstring) as a ``DiT`` in eval mode.
+
+    ``verify`` (default on): a directory's model files are checked against its ``manifest.json`` when it
+    has one; a mismatch raises ``CheckpointError`` naming the file.
 
     ``overrides`` change the architecture read from the file before the weights go in, e.g.
     ``connection={"kind": "hc", "rate": 2}`` initialises an HC DiT from official DiT weights
@@ -94,7 +104,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
             "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt and pass its path"
         )
     if path.is_dir():
-        model = _load_directory(path, overrides)
+        from racedit.models import diffusers_io
+
+        if diffusers_io.transformer_folder(path) is not None:
+            cfg, state = diffusers_io.read_diffusers(path, **overrides)
+            model = DiT(**model_kwargs(cfg))
+            load_state_dict_checked(model, state, source=str(path))
+        else:
+            model = _load_directory(path, overrides, verify)
     else:
         state = read_state_dict(path)
         cfg = infer_config(state, **overrides)
@@ -103,16 +120,61 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     return model.to(device).eval()
 
 
-def _load_directory(path: Path, overrides: dict[str, Any]) -> DiT:
+def check_export(path: Path, files: list[str]) -> None:
+    """Compare ``files`` (relative to ``path``) with ``path/manifest.json`` if there is one.
+
+    Only the named files are hashed, so loading the EMA model of a training checkpoint does not read its
+    optimizer state. A file the manifest does not list is not checked (nothing to compare with).
+    """
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{manifest} is unreadable ({err}); load with verify=False to skip the check"
+        ) from None
+    for rel in files:
+        info = listed.get(rel)
+        if info is None:
+            continue
+        f = path / rel
+        if not f.is_file():
+            problem = "is missing"
+        elif f.stat().st_size != info["size"]:
+            problem = f"has {f.stat().st_size} bytes, the manifest says {info['size']}"
+        elif sha256_file(f) != info["sha256"]:
+            problem = "does not match its sha256 in manifest.json (the file changed after it was written)"
+        else:
+            continue
+        raise CheckpointError(
+            f"{f} {problem}: the model may be corrupt. Re-export or re-download it; if you edited it on "
+            "purpose, load with verify=False (racedit-sample --no-verify)"
+        )
+
+
+def _load_directory(path: Path, overrides: dict[str, Any], verify: bool = True) -> DiT:
+    from racedit.models import diffusers_io
+
+    if (path / "model_index.json").is_file():  # a diffusers pipeline, but not a DiTPipeline
+        raise diffusers_io.unsupported_config_error(path / "model_index.json")
     for sub in ("", "ema", "model"):
         candidate = path / sub if sub else path
         if (candidate / "config.json").is_file():
+            if (
+                diffusers_io.read_json(candidate / "config.json").get("_class_name", DiT.__name__)
+                != DiT.__name__
+            ):
+                raise diffusers_io.unsupported_config_error(candidate / "config.json")
+            if verify:
+                prefix = f"{sub}/" if sub else ""
+                names = ["config.json", "model.safetensors", "sampling.json"]
+                check_export(path, [prefix + n for n in names])
             if overrides:
-                import json
-
                 cfg_json = json.loads((candidate / "config.json").read_text())
                 kwargs = {k: v for k, v in cfg_json.items() if not k.startswith("_")}
-                cfg = resolve_model_config(None, **{**kwargs, **overrides})
+                cfg = resolve_model_config(None, **deep_merge(kwargs, overrides))
                 model = DiT(**model_kwargs(cfg))
                 from safetensors.torch import load_file
 
@@ -200,8 +262,7 @@ def infer_config(state: dict[str, torch.Tensor], **overrides: Any) -> ModelConfi
             "this state dict has no dense MLP (blocks.0.mlp.fc1); MoE checkpoints are racedit model directories "
             "with a config.json: load those by directory"
         )
-    kwargs.update(overrides)
-    return resolve_model_config(None, **kwargs)
+    return resolve_model_config(None, **deep_merge(kwargs, overrides))
 
 
 def load_state_dict_checked(model: DiT, state: dict[str, torch.Tensor], source: str) -> None:

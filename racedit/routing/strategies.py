@@ -1,6 +1,6 @@
 """Routing strategies: "top-K along some dims of the scores, independently over the rest".
 
-race-dit.md section 3. Scores have shape (B, L, E) (samples, tokens, experts). Each strategy is one
+docs/spec/race-dit.md section 3. Scores have shape (B, L, E) (samples, tokens, experts). Each strategy is one
 ``GroupedTopK`` object that names the dims it selects over; everything else is independent groups:
 
 | strategy | independent over | top-K over | K            |
@@ -52,6 +52,11 @@ class GroupedTopK:
     name: str
     over: str  # dims selected over, e.g. "E" (token choice), "BLE" (expert race)
     uses_threshold: bool = False  # inference may replace the batch top-K by score >= tau
+
+    @property
+    def ranks_across_batch(self) -> bool:
+        """Whether a sample's selection depends on the other samples of its batch (B is ranked over)."""
+        return "B" in self.over
 
     def k_for(self, shape: tuple[int, int, int], k: int) -> int:
         """K of each group: k experts per token on average, so K = k * (#tokens in the group) / (#experts
@@ -129,5 +134,5 @@ def get_strategy(name: str) -> GroupedTopK:
 
 
 def select(scores: Tensor, strategy: str, k: int, ties: Ties = "index") -> Tensor:
-    """Training-mode selection: scores (B, L, E) -> bool mask (B, L, E) (race-dit.md section 3)."""
+    """Training-mode selection: scores (B, L, E) -> bool mask (B, L, E) (docs/spec/race-dit.md section 3)."""
     return get_strategy(strategy).select(scores, k, ties).mask

@@ -142,7 +142,8 @@ def test_accounting_flops_inactive_training_only():
     expert_params = E * (2 * D * H + H + D)
     assert layer.inactive_params() == expert_params * (E - k) // E
     assert layer.training_only_params() == D * 16 + 16
-    assert MoEFeedForward(64, 256, MoEConfig(num_experts=8, k=2), 0, 16).training_only_params() == 0
+    no_plr = MoEConfig(num_experts=8, k=2, plr_weight=0.0)  # PLR switched off: no target head is built
+    assert MoEFeedForward(64, 256, no_plr, 0, 16).training_only_params() == 0
     assert layer.no_weight_decay() == {"b1", "b2"}
 
 
@@ -151,7 +152,7 @@ def test_accounting_flops_inactive_training_only():
     [("B", 0.531, 0.135), ("M", 1.106, 0.281), ("L", 1.889, 0.479), ("XL", 2.788, 0.707)],
 )
 def test_zoo_block_counts_match_paper(size, total, activated):
-    """race-dit.md section 7: 4-in-32 block parameters (routers included, PLR head excluded) within 0.5%."""
+    """docs/spec/race-dit.md section 7: 4-in-32 block parameters (routers included, PLR head excluded) within 0.5%."""
     with torch.device("meta"):
         model = build_model(f"RaceDiT-{size}/2-4in32", moe={"plr_weight": 1e-2})
     c = model.param_counts()

@@ -17,13 +17,13 @@ RUN_CONFIGS = [
     CONFIGS / "demo.yaml",
     *sorted((CONFIGS / "recipes").glob("*.yaml")),
     *sorted((CONFIGS / "ablation").glob("*.yaml")),
+    *sorted((CONFIGS / "sweeps").rglob("*.yaml")),
 ]
 
 
 def resolved(path: Path):
     cfg = load_run_config(path)
-    section = dict(cfg.model)
-    return cfg, resolve_model_config(section.pop("name", None), **section)
+    return cfg, cfg.model.config  # the typed section: expanded and validated when the file was read
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -62,6 +62,46 @@ def test_ablation_covers_every_router_gating_and_component() -> None:
     assert resolved(CONFIGS / "ablation" / "dense_b2.yaml")[1].moe is None
 
 
+def test_zoo_names_mean_the_papers_full_method() -> None:
+    """A RaceDiT-* name alone trains the paper's 8.03-FID row: race + identity, PLR 1e-2, RSL 1e-4, threshold."""
+    from racedit.models import zoo_names
+
+    names = [n for n in zoo_names() if n.startswith("RaceDiT")]
+    assert names
+    for name in names:
+        moe = resolve_model_config(name).moe
+        assert (moe.router, moe.gating, moe.eval_routing) == ("race", "identity", "threshold"), name
+        assert (moe.plr_weight, moe.rsl_weight, moe.balance_weight) == (1e-2, 1e-4, 0.0), name
+    # an ablation switches a term off by naming it
+    assert resolve_model_config("RaceDiT-B/2-2in8", moe={"plr_weight": 0.0}).moe.plr_weight == 0.0
+
+
+def test_hidden_split_sweep_grid() -> None:
+    """g in {1, 2, 4, 8} for k in {1, 2, 4, 8} (E = 4k), the full method; activated expert FLOPs = k/g x dense."""
+    import torch
+
+    from racedit.models import build_model
+
+    seen = set()
+    for path in sorted((CONFIGS / "sweeps" / "hidden_split").glob("*.yaml")):
+        cfg, m = resolved(path)
+        k, g = m.moe.k, m.moe.split
+        seen.add((k, g))
+        assert (
+            path.stem == f"k{k}_g{g}"
+            and m.moe.num_experts == 4 * k
+            and cfg.train.output_dir.endswith(path.stem)
+        )
+        assert (m.moe.eval_routing, m.moe.plr_weight, m.moe.rsl_weight) == ("threshold", 1e-2, 1e-4)
+        assert (m.hidden_size, m.depth, cfg.train.global_batch_size) == (768, 12, 256)  # the ablation recipe
+        with torch.device("meta"):
+            layer = build_model(None, config=m).blocks[0].mlp
+        D, T = m.hidden_size, 10
+        router = T * (D * D + D * layer.num_experts)
+        assert (layer.flops(T) - router) * g == T * 2 * D * 4 * D * k  # experts: k/g of the dense MLP
+    assert seen == {(k, g) for k in (1, 2, 4, 8) for g in (1, 2, 4, 8)}
+
+
 def test_paper_recipes() -> None:
     cfg, m = resolved(CONFIGS / "recipes" / "racedit_xl2_4in32.yaml")
     assert (m.depth, m.hidden_size, m.moe.k, m.moe.num_experts) == (28, 1152, 4, 32)
@@ -82,7 +122,7 @@ def test_overrides_and_unknown_keys() -> None:
     cfg = load_run_config(
         CONFIGS / "demo.yaml", ["train.lr=3e-4", "model.moe.router=token", "log.trackers=[]"]
     )
-    assert cfg.train.lr == 3e-4 and cfg.model["moe"]["router"] == "token" and cfg.log.trackers == []
+    assert cfg.train.lr == 3e-4 and cfg.model.config.moe.router == "token" and cfg.log.trackers == []
     with pytest.raises(ConfigError, match="train.lrr"):
         load_run_config(CONFIGS / "demo.yaml", ["train.lrr=1"])
     with pytest.raises(ConfigError, match="train.max_steps must be >= 1"):
@@ -104,3 +144,17 @@ def test_cli_help_explains_flags(capsys) -> None:
     out = capsys.readouterr().out
     for flag in ("--config", "--resume", "--print-config", "key=value"):
         assert flag in out
+
+
+def test_every_row_of_the_ablation_reproduction_resolves_to_the_model_it_names() -> None:
+    """The dense row writes ``moe: null`` (the base's MoE section would contradict DiT-S/2); no row needs
+    the driver to patch its config."""
+    from experiments.ablation import load_ablation, run_config
+    from racedit.config.core import from_dict
+    from racedit.training.config import RunConfig
+
+    ablation = load_ablation(CONFIGS / "repro" / "ablation_digits.yaml")
+    names = {v.name: from_dict(RunConfig, run_config(ablation, v, 0)).model.name for v in ablation.variants}
+    assert names["dense"] == "DiT-custom(d4,w128,h4)/2"
+    assert names["race_full"] == names["token"] == "RaceDiT-custom(d4,w128,h4)/2-2in8"
+    assert names["balance_none_4in32"] == "RaceDiT-custom(d4,w128,h4)/2-4in32"
