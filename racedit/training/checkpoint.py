@@ -82,13 +82,8 @@ def verify(path: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as err:
         raise CheckpointCorrupt(f"{path}/{MANIFEST} is unreadable: {err}") from None
-    for rel in (
-        "state.json",
-        "config.yaml",
-        "model/model.safetensors",
-        "ema/model.safetensors",
-        "optimizer.pt",
-    ):
+    full = ("model/model.safetensors", "ema/model.safetensors", "optimizer.pt")
+    for rel in ("state.json", "config.yaml", *(("dcp/.metadata",) if "dcp/.metadata" in files else full)):
         if rel not in files:
             raise CheckpointCorrupt(f"{path}: the manifest lists no {rel}")
     for rel, info in files.items():
@@ -179,8 +174,12 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
     dist: Distributed,
+    sharded: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (every process calls this; rank 0 writes the shared parts)."""
+    """Write checkpoint ``step`` atomically (every process calls this; rank 0 writes the shared parts).
+
+    ``sharded`` (FSDP): every process writes model, EMA and optimizer shards into the temporary directory
+    through it (``racedit.training.sharded.save``) instead of rank 0 writing full ones."""
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
     if dist.is_main:
@@ -190,10 +189,13 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     torch.save(rng, tmp / "rng" / f"rank_{dist.rank:05d}.pt")
+    if sharded is not None:
+        sharded(tmp)
     if dist.is_main:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        ema_model.save_pretrained(tmp / "ema", safe_serialization=True)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if sharded is None:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            ema_model.save_pretrained(tmp / "ema", safe_serialization=True)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / "state.json").write_text(
             json.dumps({**state, "step": step, "world_size": dist.world_size}, indent=1)
@@ -237,11 +239,12 @@ def read_checkpoint(path: Path, rank: int) -> LoadedCheckpoint:
     """Read every part of a verified checkpoint into CPU memory (no pickled code is executed)."""
     try:
         rng_file = path / "rng" / f"rank_{rank:05d}.pt"
+        full = not (path / "dcp").is_dir()  # sharded (FSDP): model, EMA, optimizer load through DCP
         return LoadedCheckpoint(
             path=path,
-            model=load_file(path / "model" / "model.safetensors"),
-            ema=load_file(path / "ema" / "model.safetensors"),
-            optimizer=_torch_load(path / "optimizer.pt"),
+            model=load_file(path / "model" / "model.safetensors") if full else {},
+            ema=load_file(path / "ema" / "model.safetensors") if full else {},
+            optimizer=_torch_load(path / "optimizer.pt") if full else {},
             scheduler=_torch_load(path / "scheduler.pt"),
             rng=_torch_load(rng_file) if rng_file.is_file() else None,
             state=json.loads((path / "state.json").read_text()),
