@@ -210,6 +210,15 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, em
     set_model_state_dict(ema_model, state["ema"])
 
 
+def read_full(checkpoint: Path) -> dict[str, Any]:
+    """A sharded checkpoint's model, EMA and optimizer as full CPU tensors, in one plain process (no process
+    group): ``{"model": {...}, "ema": {...}, "optimizer": {"state": ..., "param_groups": ...}}``. For
+    converting or inspecting a run; training resumes through ``load``."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(storage_reader=SafeReader(checkpoint / DCP_DIR))
+
+
 def is_sharded(checkpoint: Path) -> bool:
     return (checkpoint / DCP_DIR / ".metadata").is_file()
 
