@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,9 @@ def read_full(checkpoint: Path) -> dict[str, Any]:
     converting or inspecting a run; training resumes through ``load``."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    return _load_state_dict_from_keys(storage_reader=SafeReader(checkpoint / DCP_DIR))
+    with warnings.catch_warnings():  # "no process group, loading in a single process": the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        return _load_state_dict_from_keys(storage_reader=SafeReader(checkpoint / DCP_DIR))
 
 
 def is_sharded(checkpoint: Path) -> bool:
