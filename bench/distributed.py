@@ -98,7 +98,11 @@ def _kth_bench(rank: int, repeats: int) -> list[list[object]]:
         k = 2 if experts == 8 else 4
         assert torch.equal(radix_kth(scores, k).view(torch.int32), gather_kth(scores, k).view(torch.int32))
         counted = {}
-        for name, fn in (("allgather", gather_kth), ("radix", radix_kth)):
+
+        def radix16(s, k):
+            return radix_kth(s, k, bits=16)
+
+        for name, fn in (("allgather", gather_kth), ("radix", radix_kth), ("radix16", radix16)):
             c = _count_collectives()
             fn(scores, k)
             c["restore"]()
@@ -107,6 +111,7 @@ def _kth_bench(rank: int, repeats: int) -> list[list[object]]:
             {
                 "allgather": lambda s=scores, k=k: gather_kth(s, k),
                 "radix": lambda s=scores, k=k: radix_kth(s, k),
+                "radix16": lambda s=scores, k=k: radix16(s, k),
             },
             repeats=repeats,
             warmup=2,
@@ -116,9 +121,12 @@ def _kth_bench(rank: int, repeats: int) -> list[list[object]]:
                 f"{label}: {samples} x {tokens} x {experts}",
                 f"{counted['allgather']:,}",
                 f"{counted['radix']:,}",
+                f"{counted['radix16']:,}",
                 t["allgather"] * 1e3,
                 t["radix"] * 1e3,
+                t["radix16"] * 1e3,
                 t["radix"] / t["allgather"],
+                t["radix16"] / t["allgather"],
             ]
         )
     return rows
@@ -220,10 +228,13 @@ def main(argv: list[str] | None = None) -> None:
         [
             "scores per process",
             "all-gather B",
-            "radix B",
+            "radix 4x256 B",
+            "radix 2x65536 B",
             "all-gather ms",
-            "radix ms",
-            "radix / all-gather time",
+            "radix 4x256 ms",
+            "radix 2x65536 ms",
+            "4x256 / all-gather",
+            "2x65536 / all-gather",
         ],
         kth_rows,
     )

@@ -80,49 +80,62 @@ class RaceCut:
     equal: int  # how many entries of the union equal the K-th value
 
 
-def radix_cut(scores: Tensor, k_per_token: int, group: dist.ProcessGroup | None = None) -> RaceCut:
+def _signed_keys(scores: Tensor) -> Tensor:
+    """int32 keys whose *signed* order is the order of the fp32 values (``float_keys`` minus 2**31): for a
+    negative float flip every bit but the sign. One int32 pass; -0.0 canonicalised to +0.0 first."""
+    bits = (scores.detach().float() + 0.0).view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def radix_cut(
+    scores: Tensor, k_per_token: int, group: dist.ProcessGroup | None = None, bits: int = BITS
+) -> RaceCut:
     """The exact global cut of the expert race over every process's scores (T_r, E); see the module doc.
 
     Collective: every process of ``group`` must call it (with its own, possibly different, T_r). Without
-    a process group it is the cut of the local scores.
+    a process group it is the cut of the local scores. Only the first pass reads every key; each later one
+    reads the keys that still share the chosen prefix. ``bits``: digit width, 8 (4 passes of 256 bins, the
+    default) or 16 (2 passes of 65,536 bins: half the collectives, 64x the bytes).
     """
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    passes, nbins = 32 // bits, 1 << bits
     if scores.ndim != 2:
         raise ValueError(f"race scores must be (T, E), got shape {tuple(scores.shape)}")
-    keys = float_keys(scores).reshape(-1)  # (N,)
     distributed = is_distributed()
-    prefix, k_rem, k_total = 0, 0, 0
-    for p in range(PASSES):
-        shift = 32 - BITS * (p + 1)
-        if p == 0:
-            digits = keys >> shift
-        else:
-            match = (keys >> (shift + BITS)) == (prefix >> (shift + BITS))
-            digits = (keys[match] >> shift) & (NBINS - 1)
-        hist = torch.bincount(digits, minlength=NBINS)  # (NBINS,) int64
+    # Unsigned order as int32 bit patterns: digit p is (u >> shift) & 255 (the mask undoes the sign extension).
+    cand = (_signed_keys(scores) ^ -_SIGN).reshape(-1)  # (N,) int32
+    prefix, k_rem, k_total, equal = 0, 0, 0, 0
+    for p in range(passes):
+        shift = 32 - bits * (p + 1)
+        digits = ((cand >> shift) & (nbins - 1)).long()
+        hist = torch.bincount(digits, minlength=nbins)  # (nbins,) int64
         if p == 0:  # NaN count and token count ride with the first histogram: still one collective
-            extra = torch.tensor([int(torch.isnan(scores).sum()), scores.shape[0]], device=hist.device)
-            hist = torch.cat([hist, extra])
+            nan = torch.isnan(scores).sum().reshape(1)
+            hist = torch.cat([hist, nan, torch.tensor([scores.shape[0]], device=hist.device)])
         if distributed:
             dist.all_reduce(hist, group=group)
         if p == 0:
-            nan, tokens = int(hist[NBINS]), int(hist[NBINS + 1])
-            if nan:
+            nan_count, tokens = int(hist[nbins]), int(hist[nbins + 1])
+            if nan_count:
                 raise ValueError(
-                    f"router scores contain NaN ({nan} over all processes); check the model for a diverged "
-                    "forward (loss, lr)"
+                    f"router scores contain NaN ({nan_count} over all processes); check the model for a "
+                    "diverged forward (loss, lr)"
                 )
             k_total = k_per_token * tokens
             if not 1 <= k_total <= tokens * scores.shape[1]:
                 raise ValueError(f"K = {k_total} is outside [1, {tokens * scores.shape[1]}] candidates")
             k_rem = k_total
-            hist = hist[:NBINS]
+            hist = hist[:nbins]
         # Digits from the top: the chosen one is where the running count first reaches k_rem.
-        from_top = torch.cumsum(hist.flip(0), 0)  # (NBINS,) count of digits >= NBINS-1-i
+        from_top = torch.cumsum(hist.flip(0), 0)  # (nbins,) how many digits are >= nbins - 1 - i
         i = int(torch.searchsorted(from_top, torch.tensor(k_rem, device=hist.device)))
-        digit = NBINS - 1 - i
+        digit = nbins - 1 - i
         k_rem -= int(from_top[i - 1]) if i > 0 else 0
-        prefix |= digit << shift
         equal = int(hist[digit])
+        prefix |= digit << shift
+        if p < passes - 1:
+            cand = cand[digits == digit]
     kth = key_to_float(torch.tensor(prefix, dtype=torch.int64, device=scores.device))
     return RaceCut(kth=kth, key=prefix, k_total=k_total, room=k_rem, equal=equal)
 
@@ -152,10 +165,12 @@ def global_race_mask(
     return above | take.view_as(equal), cut.kth
 
 
-def radix_kth(scores: Tensor, k_per_token: int, group: dist.ProcessGroup | None = None) -> Tensor:
+def radix_kth(
+    scores: Tensor, k_per_token: int, group: dist.ProcessGroup | None = None, bits: int = BITS
+) -> Tensor:
     """The K-th largest score of the union of every process's scores (T_r, E), K = k x global tokens.
     Collective; fp32 scalar, a zero returned as +0.0."""
-    return radix_cut(scores, k_per_token, group).kth
+    return radix_cut(scores, k_per_token, group, bits).kth
 
 
 # ----------------------------------------------------------------------------- the reference
