@@ -219,7 +219,7 @@ class Trainer:
         model = DiT(**model_kwargs(self.model_cfg)).to(self.device)
         if tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup, thresholds=tc.ema_thresholds)
+        self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
         self.fsdp = tc.distributed == "fsdp"
         if self.fsdp:  # shard model and EMA (FSDP2 per block) before the optimizer sees the parameters
             from racedit.training import sharded
@@ -504,6 +504,7 @@ class Trainer:
                 sampler=sc.sampler or self.objective.samplers[0],
                 steps=sc.steps,
                 cfg_scale=sc.cfg_scale,
+                guidance_halves=sc.cfg_halves,
                 seed=seed,
                 decode=self.decoder(),
                 batch_size=sc.batch_size,
