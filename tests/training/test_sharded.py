@@ -151,10 +151,10 @@ def test_fsdp_sigkill_and_resume_is_bitwise(fsdp_run: Path, tmp_path: Path, monk
 @pytest.mark.timeout(900)
 def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_run: Path, tmp_path: Path) -> None:
     # 2 -> 1: a copy of the 2-process run's step-3 checkpoint, resumed on one process, trains to step 4
-    # (grad_accum 2: FSDP's no-sync micro-steps; bf16 autocast) and writes its own checkpoint.
+    # (in bf16 autocast) and writes its own checkpoint.
     one = tmp_path / "one"
     shutil.copytree(fsdp_run / "checkpoints" / "step_00000003", one / "checkpoints" / "step_00000003")
-    r = launch(tmp_path, run_cfg(one, "fsdp", max_steps=4, grad_accum=2, mixed_precision="bf16"), 1, "auto")
+    r = launch(tmp_path, run_cfg(one, "fsdp", max_steps=4, mixed_precision="bf16"), 1, "auto")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     saved = read_full(fsdp_run / "checkpoints" / "step_00000003")
     assert_bitwise(saved["model"], load_file(one / "setup_model.safetensors"), "2->1 model")
