@@ -1,4 +1,4 @@
-"""The expert race over the scores of every process: a distributed radix select (race-dit.md section 3).
+"""The expert race over the scores of every process: a distributed radix select (docs/spec/race-dit.md section 3).
 
 Each process holds its own scores (T_r, E). The global race cut (the K-th largest of the union, K = k x
 the global token count, and which of the entries equal to it are in) is found without moving scores:
