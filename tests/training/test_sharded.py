@@ -108,16 +108,23 @@ def test_fsdp_agrees_with_ddp(fsdp_run: Path, tmp_path: Path) -> None:
     r = launch(tmp_path, run_cfg(tmp_path / "ddp", "ddp"), 2)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ddp = tmp_path / "ddp"
-    # Same init, and the same data, noise and label dropout on each rank. The runs differ only in how the
-    # gradients are reduced (DDP: all-reduce of full gradients in buckets; FSDP: reduce-scatter of flattened
-    # shards). With two processes every gradient element is g0 + g1 (one rounding, and addition commutes)
-    # times 1/2 (exact), and AdamW and the EMA are elementwise, so the two give the same bits; no tolerance.
-    # (With more processes the order of the sum would differ: ~1e-7 relative per step, then a tolerance.)
+    # Same init, and the same data, noise and label dropout on each rank: the first step's forward is the same
+    # computation, so its loss is bitwise equal. After that the runs differ only in rounding: DDP all-reduces
+    # full gradients in buckets, FSDP reduce-scatters flattened shards (with two processes g0 + g1 rounds the
+    # same either way), and the fused AdamW kernel (the CPU default) takes a vectorised body and a scalar tail
+    # whose boundaries move with the tensor sizes (full tensors vs local shards), so an element's update may
+    # differ by an ulp or two. Six steps of updates of size ~lr = 1e-3 with ~1e-7 relative error: at most
+    # ~1e-9 absolute in a weight; we allow 1e-8 (plus 2 ulp of the weight itself), and 1e-6 relative on the
+    # losses of later steps (they see weights that differ by that much).
     la, lb = losses(fsdp_run), losses(ddp)
     assert len(la) == len(lb) == 6
-    assert la == lb
+    assert la[0] == lb[0]
+    assert la == pytest.approx(lb, rel=1e-6)
     for tag in ("end_model", "end_ema"):
-        assert_bitwise(load_file(fsdp_run / f"{tag}.safetensors"), load_file(ddp / f"{tag}.safetensors"), tag)
+        fa, fb = load_file(fsdp_run / f"{tag}.safetensors"), load_file(ddp / f"{tag}.safetensors")
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            torch.testing.assert_close(fa[k], fb[k], rtol=2.4e-7, atol=1e-8, msg=f"{tag} {k}")
     # the race thresholds moved (routing state is part of what must agree)
     model = load_file(fsdp_run / "end_model.safetensors")
     assert all(float(v) != 0.0 for k, v in model.items() if k.endswith("threshold.tau"))
