@@ -18,6 +18,9 @@ class MoEConfig:
     router: Router = "race"  # routing strategy (docs/spec/race-dit.md section 3)
     gating: Gating = "identity"  # gating function G applied to router scores
     ties: Literal["index", "all"] = "index"  # exact K (lowest flat index wins) or keep every tie
+    # expert race under several processes: race each process's scores ("local"), or take the cut over the
+    # union of all processes' scores ("global": K = k x global tokens, ties rank-major; training only)
+    race_scope: Literal["local", "global"] = "local"
     threshold_decay: float = 0.95  # EMA decay of the learnable threshold tau (expert race)
     eval_routing: Literal["threshold", "topk"] = "threshold"  # race at eval: score >= tau, or batch top-K
     # The defaults are the Race-DiT paper's full method (its B/2 2-in-8 ablation: FID 8.03): every
@@ -36,6 +39,11 @@ class MoEConfig:
             raise ValueError(f"hidden_split must be >= 1, got {self.hidden_split}")
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.race_scope == "global" and self.router != "race":
+            raise ValueError(
+                f"race_scope='global' needs router='race' (got router={self.router!r}); other strategies "
+                "select within a sample or token and are always local"
+            )
         if not 0.0 <= self.threshold_decay < 1.0:
             raise ValueError(f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
 

@@ -125,8 +125,14 @@ class MoEFeedForward(FeedForward):
         """Gated scores (B, L, E) -> (plan over T = B*L tokens, whether the threshold routed)."""
         use_tau = not self.training and self.eval_uses_threshold()
         tau = self.threshold.tau if use_tau else None  # fp32; compared with the scores in fp32
-        plan = self.strategy.plan(scores, self.cfg.k, self.cfg.ties, self.cfg.impl, tau=tau)
+        plan = self.strategy.plan(scores, self.cfg.k, self.cfg.ties, self.cfg.impl, tau=tau, scope=self.scope)
         return plan, use_tau
+
+    @property
+    def scope(self) -> str:
+        """Race scope of this forward: ``cfg.race_scope`` in training; eval batches always race locally
+        (processes may sample different numbers of batches, so no collective there)."""
+        return self.cfg.race_scope if self.training else "local"
 
     def forward(self, h: Tensor, aux: ForwardAux | None = None) -> Tensor:
         B, L, D = h.shape
@@ -139,7 +145,9 @@ class MoEFeedForward(FeedForward):
 
         recompute = in_backward_recompute()  # gradient checkpointing re-runs this forward inside backward
         if self.training and plan.kth is not None and not recompute:
-            self.threshold.update(global_kth(scores, self.cfg.k, local_kth=plan.kth))
+            # scope "global": plan.kth already is the global K-th value; "local": one radix select for it
+            kth = plan.kth if self.scope == "global" else global_kth(scores, self.cfg.k, local_kth=plan.kth)
+            self.threshold.update(kth)
         if aux is not None:
             # Built in both passes, so a checkpointed recompute saves the same tensors for backward
             # (the PLR head's forward); only the first pass hands it to the trainer.

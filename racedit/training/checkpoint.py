@@ -91,13 +91,8 @@ def verify(path: Path) -> None:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointCorrupt(f"{path}/{MANIFEST} is unreadable: {err}") from None
-    for rel in (
-        "state.json",
-        "config.yaml",
-        "model/model.safetensors",
-        "ema/model.safetensors",
-        "optimizer.pt",
-    ):
+    full = ("model/model.safetensors", "ema/model.safetensors", "optimizer.pt")
+    for rel in ("state.json", "config.yaml", *(("dcp/.metadata",) if "dcp/.metadata" in files else full)):
         if rel not in files:
             raise CheckpointCorrupt(f"{path}: the manifest lists no {rel}")
     problems = check_manifest(path)
@@ -202,12 +197,16 @@ def save_checkpoint(
     dist: Distributed,
     run_id: str,
     lineage: Collection[str | None] = (),
+    sharded: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically (every process calls this; rank 0 writes the shared parts).
 
     Then keep the newest ``keep_last`` checkpoints of this run's lineage (``run_id`` plus the ids in
     ``lineage``, e.g. None when the run continues a checkpoint written before run ids existed) and delete
     its older ones; checkpoints of any other run are left alone.
+
+    ``sharded`` (FSDP): every process writes model, EMA and optimizer shards into the temporary directory
+    through it (``racedit.training.sharded.save``) instead of rank 0 writing full ones.
     """
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
@@ -218,10 +217,13 @@ def save_checkpoint(
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
     torch.save(rng, tmp / "rng" / f"rank_{dist.rank:05d}.pt")
+    if sharded is not None:
+        sharded(tmp)
     if dist.is_main:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        ema_model.save_pretrained(tmp / "ema", safe_serialization=True)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if sharded is None:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            ema_model.save_pretrained(tmp / "ema", safe_serialization=True)
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / "state.json").write_text(
             json.dumps({**state, "step": step, "world_size": dist.world_size, "run_id": run_id}, indent=1)
@@ -268,6 +270,7 @@ def read_checkpoint(path: Path, rank: int) -> LoadedCheckpoint:
     """Read every part of a verified checkpoint into CPU memory (no pickled code is executed).
 
     A file that verified but does not parse is as bad as a corrupt one: ``CheckpointCorrupt`` names it.
+    A sharded (FSDP) checkpoint leaves model, EMA and optimizer empty: they load through DCP.
     """
 
     def read(rel: str, how: Callable[[Path], Any]) -> Any:
@@ -279,11 +282,12 @@ def read_checkpoint(path: Path, rank: int) -> LoadedCheckpoint:
             raise CheckpointCorrupt(f"{path}: {rel} does not load ({type(err).__name__}: {text})") from None
 
     rng_rel = f"rng/rank_{rank:05d}.pt"
+    full = not (path / "dcp").is_dir()
     return LoadedCheckpoint(
         path=path,
-        model=read("model/model.safetensors", load_file),
-        ema=read("ema/model.safetensors", load_file),
-        optimizer=read("optimizer.pt", _torch_load),
+        model=read("model/model.safetensors", load_file) if full else {},
+        ema=read("ema/model.safetensors", load_file) if full else {},
+        optimizer=read("optimizer.pt", _torch_load) if full else {},
         scheduler=read("scheduler.pt", _torch_load),
         rng=read(rng_rel, _torch_load) if (path / rng_rel).is_file() else None,
         state=read("state.json", lambda f: json.loads(f.read_text())),

@@ -60,6 +60,9 @@ class TrainConfig:
         None  # CPU threads for torch (None = torch's default); 1 is fastest on a busy CPU
     )
     gradient_checkpointing: bool = False  # recompute each block in the backward pass
+    # data parallelism under a multi-process launch: "ddp" replicates model, gradients, AdamW state and EMA;
+    # "fsdp" shards all four over the processes (torch FSDP2 per DiT block, racedit/training/sharded.py)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     # --- EMA of the weights (fp32) -----------------------------------------------------------
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step)) (short runs)

@@ -163,9 +163,9 @@ class Trainer:
         acc = self.accelerator
         if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
             raise ConfigError(
-                f"the trainer does not support {acc.distributed_type.name} yet (its EMA update and checkpoints "
-                "read full, unsharded parameters and optimizer state); launch with "
-                "configs/accelerate/multi_gpu.yaml (DDP) and raise train.grad_accum to fit memory"
+                f"the trainer does not support {acc.distributed_type.name} through Accelerate's plugins: it shards "
+                "with torch FSDP2 itself when the run config says train.distributed=fsdp. Launch with "
+                "configs/accelerate/fsdp.yaml (or multi_gpu.yaml) and set train.distributed=fsdp"
             )
         self.rank, self.world = acc.process_index, acc.num_processes
         self.device = acc.device
@@ -206,6 +206,15 @@ class Trainer:
         if tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
+        self.fsdp = tc.distributed == "fsdp"
+        if self.fsdp:  # shard model and EMA (FSDP2 per block) before the optimizer sees the parameters
+            from racedit.training import sharded
+
+            reason = sharded.check_config(tc.mixed_precision)
+            if reason:
+                raise ConfigError(reason)
+            sharded.shard(model, self.device)
+            sharded.shard(self.ema.model, self.device)
         from racedit.training.optim import build_adamw
 
         optimizer, self.optimizer_impl = build_adamw(
@@ -240,9 +249,16 @@ class Trainer:
         # 3. resume (before Accelerate wraps anything)
         self.resumed_from = self.resume(model, optimizer)
 
+        if self.fsdp:
+            from racedit.training import sharded
+
+            sharded.autocast_forward(model, tc.mixed_precision, self.device)
         if tc.compile:
             model = torch.compile(model)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.fsdp:  # already sharded: Accelerate must not wrap it in DDP
+            self.model, self.optimizer = model, optimizer
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model: DiT = acc.unwrap_model(self.model)
         if self.raw_model.arch.moe is not None:
             from racedit.moe import RoutingStats
@@ -266,11 +282,20 @@ class Trainer:
         configured = resuming.optimizer_hyperparameters(optimizer)  # this run's, before any load
 
         def try_load(path: Path) -> tuple[ckpt.LoadedCheckpoint, list[str]]:
+            from racedit.training.sharded import is_sharded
+
+            if is_sharded(path) != self.fsdp:
+                written = "fsdp" if is_sharded(path) else "ddp"
+                raise ResumeError(
+                    f"{path} was written with train.distributed={written}; resume it with "
+                    f"train.distributed={written}"
+                )
             loaded = ckpt.read_checkpoint(path, self.rank)
             changes = resuming.check_settings(
                 path, yaml.safe_load(loaded.config_yaml), to_dict(self.cfg), to_dict(self.model_cfg)
             )
-            resuming.check_loadable(loaded, model, optimizer)
+            if not self.fsdp:  # a sharded checkpoint's tensors are checked by DCP when they load
+                resuming.check_loadable(loaded, model, optimizer)
             return loaded, changes
 
         arg = self.resume_arg
@@ -292,9 +317,14 @@ class Trainer:
             self.run_id = resuming.shared_run_id(self.dist)
             return None
         loaded, path = found.loaded, found.path
-        model.load_state_dict(loaded.model, strict=True)
-        self.ema.load_state_dict(loaded.ema)
-        optimizer.load_state_dict(loaded.optimizer)
+        if self.fsdp:  # DCP reshards: the checkpoint may come from any number of processes
+            from racedit.training import sharded
+
+            sharded.load(path, model, optimizer, self.ema.model)
+        else:
+            model.load_state_dict(loaded.model, strict=True)
+            self.ema.load_state_dict(loaded.ema)
+            optimizer.load_state_dict(loaded.optimizer)
         from racedit.training.optim import keep_impl
 
         keep_impl(optimizer, self.optimizer_impl)
@@ -347,7 +377,12 @@ class Trainer:
         for micro in range(tc.grad_accum):
             x, y = next(self.stream)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            sync = contextlib.nullcontext() if micro == tc.grad_accum - 1 else acc.no_sync(self.model)
+            last = micro == tc.grad_accum - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            if self.fsdp:
+                from racedit.training.sharded import gradient_sync
+
+                sync = gradient_sync(self.raw_model, enabled=last)
             with sync:
                 loss, terms = self.compute_loss(x, y)
                 acc.backward(loss / tc.grad_accum)
@@ -364,7 +399,12 @@ class Trainer:
             )
         # The global gradient norm (after DDP's all-reduce): the same on every process.
         clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
+        if self.fsdp:
+            from racedit.training.sharded import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(self.model.parameters(), clip)
+        else:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
         scalars["grad_norm"] = float(grad_norm)
         # fp16: an inf gradient norm is the loss scaler's overflow signal (it skips that step itself).
         grad_ok = math.isfinite(scalars["grad_norm"]) or tc.mixed_precision == "fp16"
@@ -407,12 +447,20 @@ class Trainer:
         config_yaml = yaml.safe_dump(
             {"run": to_dict(self.cfg), "model_resolved": to_dict(self.model_cfg)}, sort_keys=False
         )
+        write_shards = None
+        if self.fsdp:
+            from racedit.training import sharded
+
+            def write_shards(tmp: Path) -> None:
+                sharded.save(tmp, self.raw_model, optimizer, self.ema.model)
+
         path = ckpt.save_checkpoint(
             self.ckpt_dir,
             self.step,
             model=self.raw_model,
             ema_model=self.ema.model,
-            optimizer_state=optimizer.state_dict(),
+            optimizer_state={} if self.fsdp else optimizer.state_dict(),
+            sharded=write_shards,
             scheduler_state=self.scheduler.state_dict(),
             rng=ckpt.rng_state(self.noise),
             state={"data": self.stream.state_dict(), "skipped": self.skipped, "time": time.time()},
@@ -477,15 +525,27 @@ class Trainer:
             raise ConfigError(f"sample.classes {bad} are not classes of this dataset (0..{n - 1})")
         return [c for c in sc.classes for _ in range(sc.per_class)]
 
-    def write_grid(self, name: str) -> Path | None:
-        """A labelled grid from the EMA model (main process); skipped with a note if the VAE is unavailable."""
+    def sampling_model(self) -> torch.nn.Module | None:
+        """The EMA model with full weights on the main process. FSDP: gathered from the shards (a collective
+        every process calls; None on the others)."""
+        if not self.fsdp:
+            return self.ema.model
+        from racedit.training.sharded import full_model
+
+        return full_model(self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)).to(self.device))
+
+    def write_grid(self, name: str, model: torch.nn.Module | None = None) -> Path | None:
+        """A labelled grid from the EMA model (main process); skipped with a note if the VAE is unavailable.
+        Every process calls it (FSDP gathers the EMA model), unless ``model`` is given."""
+        if model is None:
+            model = self.sampling_model()
         if not self.accelerator.is_main_process:
             return None
         from racedit.sampling import save_grid
 
         labels = self.grid_labels()
         try:
-            images = self.sample_images(self.ema.model, labels, self.cfg.sample.seed)
+            images = self.sample_images(model, labels, self.cfg.sample.seed)
         except Exception as err:  # e.g. VAE weights missing offline: training goes on
             from racedit.sampling.vae import VAEError
 
@@ -631,8 +691,9 @@ class Trainer:
         """Export the EMA model (+ sampling.json), the final grid, the loss curve and the demo report."""
         acc = self.accelerator
         export_dir, report = None, {}
+        ema_model = self.sampling_model()  # FSDP: gathered here, on every process
         if acc.is_main_process:
-            export_dir = save_model(self.ema.model, self.out / "final")
+            export_dir = save_model(ema_model, self.out / "final")
             from racedit.sampling import write_sampling_meta
             from racedit.vae import DEFAULT_SCALING, DEFAULT_VAE
 
@@ -654,7 +715,7 @@ class Trainer:
             write_manifest(export_dir)  # racedit.load_model checks the export against it
             self.log(f"exported the EMA model to {export_dir} (racedit-sample / sample.py reads it)")
             if self.cfg.sample.final_grid:
-                grid = self.write_grid("final")
+                grid = self.write_grid("final", ema_model)
                 if grid is not None:
                     self.log(f"sample grid: {grid}")
             if self.cfg.log.loss_curve:
@@ -664,7 +725,7 @@ class Trainer:
                 if curve is not None:
                     self.log(f"loss curve: {curve}")
             if self.cfg.sample.report_per_class > 0:
-                report = self.quality_report()
+                report = self.quality_report(ema_model)
         acc.wait_for_everyone()
         return TrainResult(
             step=self.step,
@@ -677,12 +738,12 @@ class Trainer:
             stopped_early=self.stopped_early,
         )
 
-    def quality_report(self) -> dict[str, Any]:
+    def quality_report(self, ema_model: torch.nn.Module) -> dict[str, Any]:
         """The offline demo metrics (``racedit.metrics.demo``) on samples of every class from the EMA model."""
         from racedit.metrics.demo import demo_report
 
         def sample_fn(labels: list[int], seed: int) -> torch.Tensor:
-            return self.sample_images(self.ema.model, labels, seed)
+            return self.sample_images(ema_model, labels, seed)
 
         tc = self.cfg.train
         training = {

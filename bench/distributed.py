@@ -1,0 +1,250 @@
+"""Scale-out: the distributed expert-race K-th value, and FSDP against DDP (2 CPU processes, gloo).
+
+1. **Bytes per MoE layer** each process receives to find the global K-th score: the all-gather reference
+   (every score of every rank) against the radix select (4 all-reduces of a 256-bin histogram), computed from
+   the algorithms at world 2, 8 and 64 with 32 samples x 256 tokens x 32 experts per GPU (RaceDiT-XL/2-4in32,
+   batch 32 per GPU), and counted at world 2 (the tensors actually handed to the collectives).
+2. **Time per layer** of both at world 2 on CPU at the demo's shapes (64 samples x 16 tokens x 8 experts per
+   process), interleaved repeats, median.
+3. **FSDP vs DDP** on the same tiny model (the demo's RaceDiT-S/2-2in8 at width 128, depth 4), 2 processes:
+   train-step time (forward, backward, AdamW, EMA) and the bytes of parameters + gradients + AdamW state + EMA
+   held per process after a step (local shards under FSDP).
+
+    python -m bench.distributed
+    python -m bench.distributed --repeats 10 --width 256
+
+CPU numbers from a shared machine: read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bench.common import interleaved_medians, print_table
+
+LAYERS_XL = 28  # MoE layers of RaceDiT-XL/2-4in32 (every block)
+
+
+def computed_bytes_table() -> None:
+    from racedit.routing.distributed import comm_bytes
+
+    tokens, experts = 32 * 256, 32
+    rows = []
+    for world in (2, 8, 64):
+        b = comm_bytes(world, tokens, experts)
+        rows.append(
+            [
+                world,
+                f"{b['allgather']:,}",
+                f"{b['radix']:,}",
+                f"{b['radix_ties']:,}",
+                f"{b['allgather'] / b['radix']:,.0f}x",
+                f"{b['allgather'] * LAYERS_XL / 2**30:.2f} GiB",
+                f"{b['radix'] * LAYERS_XL / 2**10:.0f} KiB",
+            ]
+        )
+    print_table(
+        "K-th score per MoE layer: bytes received per process (computed; 32 x 256 tokens x 32 experts per GPU)",
+        [
+            "world",
+            "all-gather B/layer",
+            "radix B/layer",
+            "radix + tie counts",
+            "ratio",
+            "all-gather per step (28 layers)",
+            "radix per step",
+        ],
+        rows,
+    )
+
+
+# ----------------------------------------------------------------------------- 2-process worker
+
+
+def _count_collectives() -> dict[str, int]:
+    """Wrap all_reduce / all_gather so they add the bytes they are handed (received, for all_gather)."""
+    counts = {"bytes": 0}
+    real_reduce, real_gather = dist.all_reduce, dist.all_gather
+
+    def all_reduce(t, *a, **k):
+        counts["bytes"] += t.numel() * t.element_size()
+        return real_reduce(t, *a, **k)
+
+    def all_gather(outs, t, *a, **k):
+        counts["bytes"] += sum(o.numel() * o.element_size() for o in outs)
+        return real_gather(outs, t, *a, **k)
+
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    counts["restore"] = lambda: (
+        setattr(dist, "all_reduce", real_reduce),
+        setattr(dist, "all_gather", real_gather),
+    )  # type: ignore[assignment]
+    return counts
+
+
+def _kth_bench(rank: int, repeats: int) -> list[list[object]]:
+    from racedit.routing.distributed import gather_kth, radix_kth
+
+    rows = []
+    for samples, tokens, experts, label in ((64, 16, 8, "demo"), (32, 256, 32, "XL/2 per GPU")):
+        g = torch.Generator().manual_seed(rank)
+        scores = torch.randn(samples * tokens, experts, generator=g)
+        k = 2 if experts == 8 else 4
+        assert torch.equal(radix_kth(scores, k).view(torch.int32), gather_kth(scores, k).view(torch.int32))
+        counted = {}
+
+        def radix16(s, k):
+            return radix_kth(s, k, bits=16)
+
+        for name, fn in (("allgather", gather_kth), ("radix", radix_kth), ("radix16", radix16)):
+            c = _count_collectives()
+            fn(scores, k)
+            c["restore"]()
+            counted[name] = c["bytes"]
+        t = interleaved_medians(
+            {
+                "allgather": lambda s=scores, k=k: gather_kth(s, k),
+                "radix": lambda s=scores, k=k: radix_kth(s, k),
+                "radix16": lambda s=scores, k=k: radix16(s, k),
+            },
+            repeats=repeats,
+            warmup=2,
+        )
+        rows.append(
+            [
+                f"{label}: {samples} x {tokens} x {experts}",
+                f"{counted['allgather']:,}",
+                f"{counted['radix']:,}",
+                f"{counted['radix16']:,}",
+                t["allgather"] * 1e3,
+                t["radix"] * 1e3,
+                t["radix16"] * 1e3,
+                t["radix"] / t["allgather"],
+                t["radix16"] / t["allgather"],
+            ]
+        )
+    return rows
+
+
+def _train_bench(rank: int, repeats: int, width: int, depth: int) -> list[list[object]]:
+    import copy
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from racedit.models import DiT, ForwardAux
+    from racedit.models.loading import model_kwargs
+    from racedit.models.registry import resolve_model_config
+    from racedit.training import sharded
+    from racedit.training.ema import EMA
+
+    cfg = resolve_model_config(
+        "RaceDiT-S/2-2in8",
+        hidden_size=width,
+        depth=depth,
+        num_heads=4,
+        input_size=8,
+        in_channels=1,
+        num_classes=10,
+        moe={"plr_weight": 0.01, "rsl_weight": 1e-4},
+    )
+    torch.manual_seed(0)
+    base = DiT(**model_kwargs(cfg))
+    g = torch.Generator().manual_seed(rank)
+    x, t, y = (
+        torch.randn(64, 1, 8, 8, generator=g),
+        torch.rand(64, generator=g) * 1000,
+        torch.randint(0, 10, (64,), generator=g),
+    )
+
+    setups = {}
+    for kind in ("ddp", "fsdp"):
+        model = copy.deepcopy(base)
+        ema = EMA(model, 0.999)
+        if kind == "fsdp":
+            sharded.shard(model, torch.device("cpu"))
+            sharded.shard(ema.model, torch.device("cpu"))
+            wrapped = model
+        else:
+            wrapped = DistributedDataParallel(model, static_graph=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        setups[kind] = (model, wrapped, opt, ema)
+
+    def step(kind: str) -> None:
+        model, wrapped, opt, ema = setups[kind]
+        out = wrapped(x, t, y, aux=ForwardAux())
+        out.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # keep gradients allocated: they are part of the state measured
+        ema.update(model, 0)
+
+    times = interleaved_medians({k: (lambda k=k: step(k)) for k in setups}, repeats=repeats, warmup=2)
+    rows = []
+    for kind, (model, _, opt, ema) in setups.items():
+        state = sharded.state_bytes(model, opt) + sharded.state_bytes(ema.model)
+        rows.append([kind, times[kind] * 1e3, state / 2**20])
+    base_t, base_m = rows[0][1], rows[0][2]
+    for row in rows:
+        row += [row[1] / base_t, row[2] / base_m]
+    return rows
+
+
+def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    kth_rows = _kth_bench(rank, args.repeats)
+    train_rows = _train_bench(rank, args.repeats, args.width, args.depth)
+    queue.put((rank, kth_rows, train_rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.distributed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--width", type=int, default=128, help="FSDP vs DDP model width (the demo's: 128)")
+    p.add_argument("--depth", type=int, default=4)
+    args = p.parse_args(argv)
+    computed_bytes_table()
+    world = 2
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [ctx.Process(target=_worker, args=(r, world, init_file, args, queue)) for r in range(world)]
+        for proc in procs:
+            proc.start()
+        results = dict((r, (k, tr)) for r, k, tr in (queue.get() for _ in procs))
+        for proc in procs:
+            proc.join()
+    kth_rows, train_rows = results[0]
+    print_table(
+        "K-th score per MoE layer at world 2 (gloo, 2 CPU processes): bytes counted, time measured (rank 0)",
+        [
+            "scores per process",
+            "all-gather B",
+            "radix 4x256 B",
+            "radix 2x65536 B",
+            "all-gather ms",
+            "radix 4x256 ms",
+            "radix 2x65536 ms",
+            "4x256 / all-gather",
+            "2x65536 / all-gather",
+        ],
+        kth_rows,
+    )
+    print_table(
+        f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, 64 per process "
+        "(rank 0; state = params + grads + AdamW + EMA held by the process)",
+        ["mode", "step ms", "state MiB", "time / DDP", "state / DDP"],
+        train_rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Fully sharded training (``train.distributed: fsdp``): torch's FSDP2 ``fully_shard`` and
+``torch.distributed.checkpoint`` (DCP), driven from the Accelerate trainer.
+
+How the pieces are sharded (every process holds 1/world of each, dim 0 of every parameter):
+- **Model**: ``fully_shard`` on every DiT block (dense, MoE, hyper/frac-connection blocks alike: the blocks are
+  ``model.blocks`` whatever fills their MLP slot and connections), then on the root for the embedders, the
+  final layer and the stream. Parameters become ``DTensor`` shards; a block's full weights exist only during
+  its forward and backward. Buffers (the race thresholds ``tau``) stay replicated.
+- **Gradients** are reduce-scattered by FSDP (means over processes); **AdamW** state follows its parameters.
+- **EMA**: the fp32 EMA copy is sharded the same way and updated shard by shard (``torch._foreach_lerp_`` on
+  the DTensors works on the local shards): no full parameter is gathered per step. The full EMA model is
+  gathered only to sample a grid and for the final export (``full_model``, a collective).
+- **Checkpoints**: model, EMA and optimizer go through DCP into ``<checkpoint>/dcp/`` (one file per process +
+  ``.metadata``), written inside the trainer's atomic temporary directory and covered by its manifest. DCP
+  reshards on load, so a checkpoint written by N processes resumes on M. Its ``.metadata`` is a pickle: we
+  read it with an unpickler that resolves only DCP's metadata classes, so loading executes no pickled code
+  (``SafeReader``); the tensor files DCP reads with ``torch.load(weights_only=True)``.
+
+The launch stays Accelerate's (or torchrun's) data-parallel launch: the sharding is the run config's choice
+(``train.distributed=fsdp``), so one config file describes a run whatever launched it. A single process
+(world 1) runs the same code path over a one-process gloo/NCCL group, which is how a checkpoint written by
+N processes is resumed on one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+DCP_DIR = "dcp"
+
+
+# ----------------------------------------------------------------------------- process group and wrapping
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group; a plain single process gets a one-process group (in-memory store)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shard(model: nn.Module, device: torch.device) -> nn.Module:
+    """Apply FSDP2 to every DiT block, then to the root (in place; the module keeps its class and names)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ensure_process_group(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def autocast_forward(model: nn.Module, mixed_precision: str, device: torch.device) -> None:
+    """bf16 autocast around the forward (what ``accelerator.prepare`` does for a DDP model); fp16 is refused
+    by ``check_config`` (FSDP2 would need a sharded gradient scaler)."""
+    if mixed_precision != "bf16":
+        return
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward  # type: ignore[method-assign]
+
+
+def check_config(mixed_precision: str) -> str | None:
+    """A reason why this run cannot be sharded, or None."""
+    if mixed_precision == "fp16":
+        return (
+            "train.distributed=fsdp supports train.mixed_precision no or bf16, not fp16 (it would need a "
+            "sharded gradient scaler); use bf16"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient reduce-scatter for accumulation micro-batches (FSDP2's ``no_sync``)."""
+    if enabled:
+        yield
+        return
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterator[nn.Parameter], max_norm: float) -> Tensor:
+    """Global L2 norm of the sharded gradients (local sums of squares, one all-reduce), then clip in place.
+
+    The same norm as ``torch.nn.utils.clip_grad_norm_`` on the full gradients, up to the summation order.
+    """
+    grads = [local(p.grad) for p in parameters if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        squares += g.float().pow(2).sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(squares)
+    norm = squares.sqrt()
+    if math.isfinite(max_norm) and grads:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return norm
+
+
+def state_bytes(*modules_or_optimizers: Any) -> int:
+    """Bytes this process holds for the parameters, gradients and optimizer state of the given objects
+    (local shards only; what FSDP divides by the world size)."""
+    total = 0
+    for obj in modules_or_optimizers:
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                total += local(p).numel() * p.element_size()
+                if p.grad is not None:
+                    total += local(p.grad).numel() * p.grad.element_size()
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for v in state.values():
+                    if isinstance(v, Tensor):
+                        total += local(v).numel() * v.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- full weights
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Full (unsharded) state dict on CPU, on the main process only (an empty dict elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def full_model(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """A plain (unsharded) copy of a sharded model on the main process, None elsewhere. Collective.
+
+    ``build()`` makes an unsharded model of the same architecture; the copy is fp32 in eval mode."""
+    state = full_state_dict(model)
+    if dist.get_rank() != 0:
+        return None
+    plain = build().float().eval().requires_grad_(False)
+    plain.load_state_dict(state, strict=True)
+    device = next(iter(model.buffers()), None)
+    return plain.to(device.device) if device is not None else plain
+
+
+# ----------------------------------------------------------------------------- checkpoints (DCP)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, ema_model: nn.Module) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd, "ema": get_model_state_dict(ema_model)}
+
+
+def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema_model: nn.Module) -> None:
+    """Every process writes its shards of model, optimizer and EMA into ``directory/dcp``. Collective."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_state(model, optimizer, ema_model), checkpoint_id=directory / DCP_DIR)
+
+
+def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema_model: nn.Module) -> None:
+    """Load a checkpoint written by any number of processes into this run's shards. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _state(model, optimizer, ema_model)  # the layout to fill, resharded by DCP
+    reader = SafeReader(directory / DCP_DIR)
+    saved = reader.read_metadata().state_dict_metadata
+    # AdamW holds no state for a parameter that never had a gradient (e.g. the last block's PLR head): the
+    # template has one for every parameter, so keep only those the checkpoint has; loading then leaves the
+    # others stateless, as they were in the run that wrote it.
+    opt_state = state["optimizer"]["state"]
+    state["optimizer"]["state"] = {
+        fqn: st for fqn, st in opt_state.items() if all(f"optimizer.state.{fqn}.{k}" in saved for k in st)
+    }
+    dcp.load(state, storage_reader=reader)
+    set_model_state_dict(model, state["model"])  # strict: every key of the model
+    # not strict: the parameters left stateless above are allowed
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+    set_model_state_dict(ema_model, state["ema"])
+
+
+def read_full(checkpoint: Path) -> dict[str, Any]:
+    """A sharded checkpoint's model, EMA and optimizer as full CPU tensors, in one plain process (no process
+    group): ``{"model": {...}, "ema": {...}, "optimizer": {"state": ..., "param_groups": ...}}``. For
+    converting or inspecting a run; training resumes through ``load``."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "no process group, loading in a single process": the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        return _load_state_dict_from_keys(storage_reader=SafeReader(checkpoint / DCP_DIR))
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (checkpoint / DCP_DIR / ".metadata").is_file()
+
+
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # layout name -> torch.layout
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}
+
+
+def read_metadata_file(fh: Any) -> Any:
+    """Unpickle DCP's ``.metadata`` resolving only DCP's metadata classes, ``torch.Size``, dtypes, layouts and
+    paths (the Python documentation's "restricting globals"): a crafted file cannot name a callable that
+    runs code, so loading a checkpoint executes none."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if name in _METADATA_CLASSES.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+            ):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which is not allowed")
+
+    return Restricted(fh).load()
+
+
+def _reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeReader(FileSystemReader):
+        """DCP's file reader with the metadata read by ``read_metadata_file``; tensor data is already read
+        with ``torch.load(weights_only=True)`` by DCP itself."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as fh:
+                meta = read_metadata_file(fh)
+            if getattr(meta, "storage_meta", None) is None:
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id
+            return meta
+
+    return _SafeReader
+
+
+def SafeReader(path: Path) -> Any:  # noqa: N802 (a factory standing in for the lazily defined class)
+    """A ``FileSystemReader`` for ``path`` that executes no pickled code (see ``read_metadata_file``)."""
+    return _reader_class()(path)

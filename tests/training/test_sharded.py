@@ -1,0 +1,196 @@
+"""FSDP training (train.distributed=fsdp) on two CPU processes (torchrun, gloo): it agrees with DDP, a run
+killed with SIGKILL resumes bit for bit, and a checkpoint written by N processes resumes on M."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import run_python, tiny_run, write_config
+
+from racedit.training import checkpoint as ckpt
+from racedit.training.sharded import read_full
+
+# Runs the trainer like racedit-train; dumps the full (gathered) live and EMA weights after setup (resume
+# checks) and at the end; with KILL_STEP set, every process SIGKILLs itself right after that checkpoint.
+SCRIPT = r"""
+import os, signal, sys
+from pathlib import Path
+from safetensors.torch import save_file
+from racedit.training import checkpoint as ckpt
+from racedit.training.config import load_run_config
+from racedit.training.loop import Trainer
+
+config, resume, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+kill_step = int(os.environ.get("KILL_STEP", "0"))
+original = ckpt.save_checkpoint
+
+def save_then_die(*args, **kwargs):
+    path = original(*args, **kwargs)
+    if args[1] == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: a hard crash right after the checkpoint
+    return path
+
+ckpt.save_checkpoint = save_then_die
+
+def dump(tr, tag):
+    if tr.fsdp:
+        from racedit.training.sharded import full_state_dict
+        model, ema = full_state_dict(tr.raw_model), full_state_dict(tr.ema.model)  # collective
+    else:
+        model, ema = tr.raw_model.state_dict(), tr.ema.model.state_dict()
+    if tr.rank == 0:
+        save_file({k: v.contiguous() for k, v in model.items()}, tr.out / f"{tag}_model.safetensors")
+        save_file({k: v.contiguous() for k, v in ema.items()}, tr.out / f"{tag}_ema.safetensors")
+
+class DumpingTrainer(Trainer):
+    def setup(self):
+        super().setup()
+        dump(self, "setup")
+
+tr = DumpingTrainer(load_run_config(config, overrides), None if resume == "none" else resume)
+tr.run()
+dump(tr, "end")
+from racedit.distributed import exit_command, teardown
+teardown()
+exit_command(0)
+"""
+
+
+def launch(tmp: Path, cfg: dict, procs: int, resume: str = "none", *overrides: str):
+    script = tmp / "fsdp_script.py"
+    script.write_text(SCRIPT)
+    config = write_config(tmp / f"{Path(cfg['train']['output_dir']).name}.yaml", cfg)
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), str(script)]
+    return run_python([*args, str(config), resume, *overrides], timeout=400)
+
+
+def run_cfg(out: Path, distributed: str, **train: object) -> dict:
+    # gradient checkpointing, a race threshold (PLR, RSL) and label dropout
+    return tiny_run(out, train={"distributed": distributed, "gradient_checkpointing": True, **train})
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_bitwise(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys differ: {set(a) ^ set(b)}"
+        for k in a:
+            assert_bitwise(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    """One uninterrupted 6-step FSDP run on 2 processes (checkpoints at steps 3 and 6)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    r = launch(tmp, run_cfg(tmp / "straight", "fsdp"), 2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return tmp / "straight"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fsdp_agrees_with_ddp(fsdp_run: Path, tmp_path: Path) -> None:
+    r = launch(tmp_path, run_cfg(tmp_path / "ddp", "ddp"), 2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ddp = tmp_path / "ddp"
+    # Same init, and the same data, noise and label dropout on each rank: the first step's forward is the same
+    # computation, so its loss is bitwise equal. After that the runs differ only in rounding: DDP all-reduces
+    # full gradients in buckets, FSDP reduce-scatters flattened shards (with two processes g0 + g1 rounds the
+    # same either way), and the fused AdamW kernel (the CPU default) takes a vectorised body and a scalar tail
+    # whose boundaries move with the tensor sizes (full tensors vs local shards), so an element's update may
+    # differ by an ulp or two. Six steps of updates of size ~lr = 1e-3 with ~1e-7 relative error: at most
+    # ~1e-9 absolute in a weight; we allow 1e-8 (plus 2 ulp of the weight itself), and 1e-6 relative on the
+    # losses of later steps (they see weights that differ by that much).
+    la, lb = losses(fsdp_run), losses(ddp)
+    assert len(la) == len(lb) == 6
+    assert la[0] == lb[0]
+    assert la == pytest.approx(lb, rel=1e-6)
+    for tag in ("end_model", "end_ema"):
+        fa, fb = load_file(fsdp_run / f"{tag}.safetensors"), load_file(ddp / f"{tag}.safetensors")
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            torch.testing.assert_close(fa[k], fb[k], rtol=2.4e-7, atol=1e-8, msg=f"{tag} {k}")
+    # the race thresholds moved (routing state is part of what must agree)
+    model = load_file(fsdp_run / "end_model.safetensors")
+    assert all(float(v) != 0.0 for k, v in model.items() if k.endswith("threshold.tau"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fsdp_sigkill_and_resume_is_bitwise(fsdp_run: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg = run_cfg(tmp_path / "killed", "fsdp")
+    monkeypatch.setenv("KILL_STEP", "3")
+    r = launch(tmp_path, cfg, 2)
+    assert r.returncode != 0  # torchrun reports the SIGKILLed workers
+    out = tmp_path / "killed"
+    assert ckpt.list_checkpoints(out / "checkpoints")[0].name == "step_00000003"
+    assert not (out / "final").exists()
+    monkeypatch.delenv("KILL_STEP")
+    r = launch(tmp_path, cfg, 2, "auto")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "resumed from" in r.stderr + r.stdout
+    # Same world, same shards, same reduction order: the resumed run is the uninterrupted one, bit for bit.
+    a = read_full(fsdp_run / "checkpoints" / "step_00000006")
+    b = read_full(out / "checkpoints" / "step_00000006")
+    assert_bitwise(a, b, "checkpoint")
+    assert_bitwise(load_file(fsdp_run / "end_ema.safetensors"), load_file(out / "end_ema.safetensors"), "ema")
+    assert losses(fsdp_run) == losses(out)
+    for step in ("step_00000003", "step_00000006"):
+        ckpt.verify(out / "checkpoints" / step)  # the manifest covers the shards
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_run: Path, tmp_path: Path) -> None:
+    # 2 -> 1: a copy of the 2-process run's step-3 checkpoint, resumed on one process, trains to step 4
+    # (in bf16 autocast) and writes its own checkpoint.
+    one = tmp_path / "one"
+    shutil.copytree(fsdp_run / "checkpoints" / "step_00000003", one / "checkpoints" / "step_00000003")
+    r = launch(tmp_path, run_cfg(one, "fsdp", max_steps=4, mixed_precision="bf16"), 1, "auto")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    saved = read_full(fsdp_run / "checkpoints" / "step_00000003")
+    assert_bitwise(saved["model"], load_file(one / "setup_model.safetensors"), "2->1 model")
+    assert_bitwise(saved["ema"], load_file(one / "setup_ema.safetensors"), "2->1 ema")
+    logged = [json.loads(x) for x in (one / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [4] and 0.0 < logged[0]["loss"] < 10.0
+    # 1 -> 2: the one-process step-4 checkpoint resumed on two processes (nothing left to train)
+    two = tmp_path / "two"
+    shutil.copytree(one / "checkpoints" / "step_00000004", two / "checkpoints" / "step_00000004")
+    r = launch(tmp_path, run_cfg(two, "fsdp", max_steps=4), 2, "auto")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    saved = read_full(one / "checkpoints" / "step_00000004")
+    assert_bitwise(saved["model"], load_file(two / "setup_model.safetensors"), "1->2 model")
+    assert_bitwise(saved["ema"], load_file(two / "setup_ema.safetensors"), "1->2 ema")
+    assert (two / "final" / "model.safetensors").is_file()  # the export: full weights, save_pretrained
+    exported = load_file(two / "final" / "model.safetensors")
+    assert_bitwise({k: saved["ema"][k] for k in exported}, exported, "export")
+
+
+def test_sharded_checkpoint_metadata_cannot_run_code(tmp_path: Path) -> None:
+    import pickle
+
+    from racedit.training.sharded import read_metadata_file
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / ".metadata"
+    path.write_bytes(pickle.dumps(Evil()))
+    with path.open("rb") as fh, pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        read_metadata_file(fh)
