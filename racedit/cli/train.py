@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="check this launch on this machine in minutes (config, data, model, 2 steps, checkpoint, grid, "
         "memory per GPU) and list what a real run would fail on; exit 0 only when nothing is (racedit/training/dryrun.py)",
     )
-    p.add_argument("--world-size", type=int, default=None, help="with --dry-run: processes of the real launch")
+    p.add_argument(
+        "--world-size", type=int, default=None, help="with --dry-run: processes of the real launch"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-3")
     return p
 

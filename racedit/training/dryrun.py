@@ -152,7 +152,11 @@ class DryRun:
         self.out = stream or sys.stdout
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         self.world_source = (
-            "--world-size" if world_size else "this launch" if env_world > 1 else "default; pass --world-size N"
+            "--world-size"
+            if world_size
+            else "this launch"
+            if env_world > 1
+            else "default; pass --world-size N"
         )
         self.report = DryRunReport(world_size=world_size or env_world)
         self.resume_path: Path | None = None
@@ -196,7 +200,9 @@ class DryRun:
             )
         reason = _writable_location(Path(tc.output_dir))
         if reason:
-            self.problem(f"train.output_dir {tc.output_dir!r}: {reason}; choose another with train.output_dir=PATH")
+            self.problem(
+                f"train.output_dir {tc.output_dir!r}: {reason}; choose another with train.output_dir=PATH"
+            )
         for tracker in cfg.log.trackers:
             module = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}.get(tracker)
             if module is None:
@@ -229,7 +235,9 @@ class DryRun:
             path = ckpt.find_resumable(ckpt_dir, notes.append)
             for note in notes:
                 self.warn(note)
-            self.say(f"--resume auto: {'resumes from ' + str(path) if path else 'no valid checkpoint, fresh start'}")
+            self.say(
+                f"--resume auto: {'resumes from ' + str(path) if path else 'no valid checkpoint, fresh start'}"
+            )
         else:
             path = Path(arg)
             try:
@@ -254,7 +262,9 @@ class DryRun:
             return
         ds = self.dataset
         shape = tuple(int(v) for v in ds.sample_shape)
-        self.say(f"{ds!r}" if cfg.data.kind == "latents" else f"{cfg.data.kind}: {len(ds)} samples of {shape}")
+        self.say(
+            f"{ds!r}" if cfg.data.kind == "latents" else f"{cfg.data.kind}: {len(ds)} samples of {shape}"
+        )
         if getattr(ds, "space", "pixel") == "latent":
             vae = (getattr(ds, "meta", {}) or {}).get("vae", "stabilityai/sd-vae-ft-ema")
             missing = vae_unavailable(vae)
@@ -433,7 +443,9 @@ class DryRun:
                 second.setup()
         except (ResumeError, ConfigError, RuntimeError, OSError) as err:
             self.report.checkpoint_ok = False
-            self.problem(f"the checkpoint written by the dry run does not resume: {type(err).__name__}: {err}")
+            self.problem(
+                f"the checkpoint written by the dry run does not resume: {type(err).__name__}: {err}"
+            )
             return
         diffs = compare_trainers(first, second)
         self.report.checkpoint_ok = not diffs
