@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["apple", "red fox", "zebra"]  # sorted, as the folder listing orders them; one has a space
-SCALING, SHIFT = 0.6, 0.1  # the tiny VAE's own config values (not SD-VAE's 0.18215 and 0)
+SCALING, SHIFT = 0.6, 0.5  # the tiny VAE's own config values (not SD-VAE's 0.18215 and 0)
 RES = 32  # pixels; the VAE downsamples by 8 -> 4 x 4 x 4 latents
 # (file name, mode, width, height, format): every mode and format the loaders must convert
 IMAGES = [
@@ -57,7 +57,9 @@ def env() -> dict[str, str]:
 
 
 def run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    t0 = time.monotonic()
     proc = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
+    print(f"{time.monotonic() - t0:6.1f} s  {' '.join(Path(a).name if '/' in a else a for a in args[:4])}")
     if ok:
         assert proc.returncode == 0, (
             f"{' '.join(args)}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"

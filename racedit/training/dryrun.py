@@ -394,7 +394,6 @@ class DryRun:
         tc.checkpoint_every = 2
         tc.keep_last = 1
         tc.time_limit_minutes = None
-        tc.warmup_steps = min(tc.warmup_steps, 1)
         run_cfg.sample.every = 0
         run_cfg.sample.final_grid = False  # the grid below, with a few sampler steps
         run_cfg.sample.report_per_class = 0
