@@ -285,7 +285,7 @@ def test_rehearsal(tmp_path: Path):
         ref_meta = json.loads(str(z["racedit_meta"]))
     assert ref_images.dtype == np.uint8 and ref_images.shape == (n_images, RES, RES, 3)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu_s.shape == (2023,)
-    assert ref_meta["skipped_unreadable"] == ["zebra/broken.jpg (UnidentifiedImageError)"]
+    assert [entry.split(" ")[0] for entry in ref_meta["skipped_unreadable"]] == ["zebra/broken.jpg"]
     assert "rehearsal-stand-in" in ref_meta["network"]
 
     evaluation = run([py, "-m", "fid", "eval", "evals/ours.npz", "--ref", "ref/ref.npz", "--is-split-size", "6",
