@@ -3,9 +3,7 @@
 Thin wrapper over ``racedit.cli.sample`` (also installed as ``racedit-sample``); see ``--help``.
 """
 
-from racedit.cli.sample import main
+from racedit.cli.sample import cli
 
 if __name__ == "__main__":
-    from racedit.distributed import exit_command
-
-    exit_command(main())
+    cli()

@@ -31,7 +31,7 @@ from PIL import Image
 
 from bench.common import interleaved_medians, print_table
 from racedit.data import DigitsDataset, LatentDataset
-from racedit.data.extract import encode_batch, load_vae
+from racedit.data.extract import encode_batch
 from racedit.data.extract import main as extract_main
 from racedit.data.format import (
     FORMAT_NAME,
@@ -39,11 +39,12 @@ from racedit.data.format import (
     INDEX_FILE,
     META_FILE,
     shard_name,
-    write_json,
     write_safetensors,
 )
 from racedit.data.imagefolder import load_image
+from racedit.io import atomic_write_json
 from racedit.models.registry import SIZES
+from racedit.vae import load_vae
 
 
 def tiny_vae(path: Path, sd_layout: bool = False) -> Path:
@@ -99,7 +100,7 @@ def synthetic_latents(root: Path, n: int, shape: tuple[int, int, int], shard_siz
         {"labels": labels, "file_index": np.arange(n, dtype=np.int64), "shard_counts": np.asarray(counts)},
         {"format_version": FORMAT_VERSION, "fingerprint": fprint},
     )
-    write_json(
+    atomic_write_json(
         root / META_FILE,
         {
             "format": FORMAT_NAME,

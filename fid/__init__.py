@@ -2,9 +2,11 @@
 provenance records and the leaderboard. Spec: evaluation.md. Command: ``python -m fid`` / ``racedit-fid``.
 
 Public functions for external checks: :func:`frechet_distance` (float64, eigen-based trace term),
-:func:`inception_score`, :func:`precision_recall`, :func:`kernel_inception_distance`.
+:func:`inception_score`, :func:`precision_recall`, :func:`kernel_inception_distance`, :func:`cmmd`
+(CLIP-MMD on given embeddings; the CLIP model itself is in ``fid.clip``, optional extra ``racedit[clip]``).
 """
 
+from fid.cmmd import cmmd
 from fid.metrics import (
     Statistics,
     feature_statistics,
@@ -20,6 +22,7 @@ __all__ = [
     "METRIC_VERSION",
     "InceptionWeightsError",
     "Statistics",
+    "cmmd",
     "feature_statistics",
     "frechet_distance",
     "inception_score",

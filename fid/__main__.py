@@ -2,6 +2,7 @@
 
 Examples:
   racedit-fid eval samples/DiT-XL-2/ --ref VIRTUAL_imagenet256_labeled.npz
+  racedit-fid eval samples/DiT-XL-2/ --ref VIRTUAL_imagenet256_labeled.npz --cmmd --clip-score
   accelerate launch -m fid eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # several GPUs
   racedit-fid ref /data/imagenet/train --image-size 256 --out ref_imagenet256.npz
   racedit-fid leaderboard samples/ --out-dir assets/leaderboard
@@ -13,8 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from fid.weights import ENV_VAR, WEIGHTS_URL, InceptionWeightsError
+from racedit.cli.args import Parser, non_negative_int, positive_int
+from racedit.cli.common import UserError, add_debug_flag, entry, run
+
+PROG = "racedit-fid"
 
 
 def _add_network_args(p: argparse.ArgumentParser) -> None:
@@ -29,7 +35,7 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--random-inception",
         metavar="SEED",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="use a seeded randomly initialised Inception instead of the weights (smoke tests only: "
         "the numbers are not FIDs and the leaderboard ignores such records)",
@@ -41,17 +47,22 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
         help="for tests only: a stand-in feature network instead of the Inception (package.module:callable or "
         "file.py:callable; interface in fid/network.py). Its numbers are not FIDs and are recorded as such",
     )
-    g.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass per process")
+    g.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per Inception forward pass per process"
+    )
     g.add_argument("--device", default=None, help="torch device (default: the process's GPU, else CPU)")
     g.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="for image folders: centre-crop every image to this size with ADM's preprocessing "
         "(BOX halving, BICUBIC resize, centre crop); needed when the images differ in size",
     )
     g.add_argument(
-        "--workers", type=int, default=None, help="image-decoding threads for folders (default min(8, CPUs))"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="image-decoding threads for folders (default min(8, CPUs))",
     )
     g.add_argument(
         "--cache-dir",
@@ -61,6 +72,7 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(g)
 
 
 def _build_model(args: argparse.Namespace):
@@ -85,13 +97,39 @@ def _extract_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def check_reference(path: str) -> None:
+    """Refuse a reference that is not an ADM-format .npz before any work, naming the file."""
+    from fid.data import InputError, NpzImages
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(
+            f"--ref {path}: no such file; pass an ADM reference batch .npz (or build one: racedit-fid ref)"
+        )
+    if p.is_dir():
+        raise InputError(
+            f"reference {p} is a folder: build a reference batch first with `racedit-fid ref {p} --out ref.npz` "
+            "(ADM's .npz format), then pass --ref ref.npz"
+        )
+    NpzImages(p)  # readable zip with arr_0 uint8 (N, H, W, 3), else an InputError naming the file
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fid.data import FolderImages, open_images
     from fid.evaluate import evaluate
     from fid.record import parse_meta
 
-    model = _build_model(args)
+    clip = None
+    if args.cmmd or args.clip_score:
+        from fid.clip import ClipEmbedder
+
+        clip = ClipEmbedder.from_pretrained(args.clip_weights)
+    class_names = None
+    if args.clip_class_names is not None:
+        class_names = [n.strip() for n in open(args.clip_class_names).read().splitlines() if n.strip()]
     src = open_images(args.samples, image_size=args.image_size, settings_path=args.settings)
+    check_reference(args.ref)
+    model = _build_model(args)
     if isinstance(src, FolderImages) and args.workers is not None:
         src.workers = args.workers
     out = evaluate(
@@ -103,6 +141,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pr_chunk=args.pr_chunk,
         pr_precision=args.pr_precision,
         kid=args.kid,
+        clip=clip,
+        cmmd=args.cmmd,
+        clip_score=args.clip_score,
+        class_names=class_names,
         meta=parse_meta(args.meta),
         record_path=args.out,
         write=False,
@@ -129,6 +171,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ]
     if result.kid is not None:
         rows += [("KID (not ADM)", result.kid), ("KID std", result.kid_std)]
+    if result.cmmd is not None:
+        rows.append(("CMMD", result.cmmd))
+    if result.clip_score is not None:
+        rows.append(("CLIP score", result.clip_score))
+    if clip is not None and not clip.is_reference_network:
+        print("WARNING: not CLIP ViT-L/14@336px: CMMD / CLIP score are not the literature's", file=sys.stderr)
     print(f"{result.num_samples} samples vs {result.num_ref_images} reference images ({args.ref})")
     for name, value in rows:
         print(f"{name:>16}: {value:.4f}")
@@ -176,8 +224,8 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="racedit-fid",
+    parser = Parser(
+        prog=PROG,
         description="ADM-protocol evaluation (FID, sFID, IS, precision/recall; KID optional) on torch-fidelity's "
         "InceptionV3 port, reference batches and the leaderboard. Spec: evaluation.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -213,17 +261,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--kid", action="store_true", help="also compute KID (outside the ADM protocol, labelled so)"
     )
     p.add_argument(
+        "--cmmd",
+        action="store_true",
+        help="also compute CMMD (CLIP ViT-L/14@336px embeddings, Gaussian RBF sigma 10, x1000) against the "
+        "reference batch's images",
+    )
+    p.add_argument(
+        "--clip-score",
+        action="store_true",
+        help="also compute the CLIP score: 100 * max(cos(image, 'a photo of a {class name}.'), 0), mean; "
+        "needs the samples' labels (arr_1)",
+    )
+    p.add_argument(
+        "--clip-weights",
+        metavar="DIR",
+        default=None,
+        help="CLIPModel folder of openai/clip-vit-large-patch14-336; default: $RACEDIT_CLIP_WEIGHTS, then the "
+        "Hugging Face cache. Never downloaded",
+    )
+    p.add_argument(
+        "--clip-class-names",
+        metavar="FILE",
+        default=None,
+        help="class names for the CLIP score prompts, one per line in label order (default: ImageNet-1k)",
+    )
+    p.add_argument(
         "--is-split-size",
-        type=int,
+        type=positive_int,
         default=5000,
         help="Inception Score split size (ADM: 5000 -> 10 splits of 50k)",
     )
     p.add_argument(
-        "--pr-k", type=int, default=3, help="k of the k-NN manifolds for precision/recall (ADM: 3)"
+        "--pr-k", type=positive_int, default=3, help="k of the k-NN manifolds for precision/recall (ADM: 3)"
     )
     p.add_argument(
         "--pr-chunk",
-        type=int,
+        type=positive_int,
         default=10000,
         help="block size of the pairwise distances (memory ~ chunk^2 floats; results do not depend on it)",
     )
@@ -241,11 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (arr_0, mu, sigma, mu_s, sigma_s, racedit_meta)")
     p.add_argument(
         "--num-ref-images",
-        type=int,
+        type=positive_int,
         default=10000,
         help="images kept as arr_0 for precision/recall (ADM: 10,000); statistics use all images",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the arr_0 subset")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the arr_0 subset")
     _add_network_args(p)
     p.set_defaults(func=cmd_ref)
 
@@ -263,27 +336,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="also list records made with a random-init Inception or a stand-in network (--features), their "
         "notes marked 'not an FID' (pipeline tests only)",
     )
+    add_debug_flag(p)
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("weights", help="resolve and verify the Inception weights file (never downloads)")
     p.add_argument("--inception-weights", metavar="PATH", default=None, help="check this file instead")
+    add_debug_flag(p)
     p.set_defaults(func=cmd_weights)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     from racedit.distributed import process_group_scope
 
     args = build_parser().parse_args(argv)
     try:
         with process_group_scope():  # under accelerate launch / torchrun: ranks leave the group cleanly
             return args.func(args)
-    except InceptionWeightsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except InceptionWeightsError as err:  # missing or wrong Inception weights: a user error
+        raise UserError(str(err)) from err
 
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: user errors are one stderr line and exit code 2 (``--debug``: the traceback)."""
+    return run(_main, PROG, argv)
+
+
+cli = entry(_main, PROG)  # the console script racedit-fid
 
 if __name__ == "__main__":
-    from racedit.distributed import exit_command
-
-    exit_command(main())
+    cli()

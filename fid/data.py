@@ -21,23 +21,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG", ".PNG", ".JPG")
+from racedit.cli.common import UserError
+from racedit.data.imagefolder import IMAGE_EXTENSIONS, adm_center_crop, is_image_file
+
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 
 
-def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
-    """ADM/DiT reference preprocessing: halve with BOX while >= 2x, BICUBIC resize of the short side, centre crop.
+class InputError(UserError, ValueError):
+    """An input file or folder that cannot be evaluated; the message names it and says what is expected."""
 
-    An image already ``image_size`` square comes back unchanged.
-    """
-    while min(*image.size) >= 2 * image_size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = image_size / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top = (arr.shape[0] - image_size) // 2
-    left = (arr.shape[1] - image_size) // 2
-    return arr[top : top + image_size, left : left + image_size]
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise InputError(
+            f"{path} is not a readable .npz file ({type(err).__name__}: {err}); it is truncated or corrupt: "
+            "write it again (sample.py --npz, or `racedit-fid ref`)"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- .npz (ADM format)
@@ -65,14 +66,17 @@ class NpzImages:
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        with zipfile.ZipFile(self.path) as zf:
+        with _open_zip(self.path) as zf:
             member = f"{self.key}.npy"
             if member not in zf.namelist():
-                raise ValueError(f"{self.path} has no {self.key!r} array (keys: {_npz_keys(zf)})")
-            with zf.open(member) as f:
-                shape, fortran, dtype = _read_npy_header(f)
+                raise InputError(f"{self.path} has no {self.key!r} array (keys: {_npz_keys(zf)})")
+            try:
+                with zf.open(member) as f:
+                    shape, fortran, dtype = _read_npy_header(f)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+                raise InputError(f"{self.path}: the {member} member is unreadable ({err})") from None
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-            raise ValueError(
+            raise InputError(
                 f"{self.path}:{self.key} is {dtype} {shape}; expected uint8 (N, H, W, 3) images in C order "
                 f"(ADM's sample format; convert samples with np.clip((x + 1) * 127.5, 0, 255).astype(np.uint8))"
             )
@@ -84,7 +88,7 @@ class NpzImages:
     def content_hash(self) -> str:
         """SHA-256 of the ``arr_0.npy`` member (header + data): labels and other arrays do not count."""
         h = hashlib.sha256()
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+        with _open_zip(self.path) as zf, zf.open(f"{self.key}.npy") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
         return h.hexdigest()
@@ -92,14 +96,14 @@ class NpzImages:
     def batches(self, start: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
         """uint8 (B, H, W, 3) batches of images ``start:stop``."""
         row = int(np.prod(self.image_shape))
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+        with _open_zip(self.path) as zf, zf.open(f"{self.key}.npy") as f:
             _read_npy_header(f)
             f.seek(f.tell() + start * row)
             for begin in range(start, stop, batch_size):
                 n = min(batch_size, stop - begin)
                 data = f.read(n * row)
                 if len(data) != n * row:
-                    raise ValueError(f"{self.path}: truncated {self.key} (ended before image {begin + n})")
+                    raise InputError(f"{self.path}: truncated {self.key} (ended before image {begin + n})")
                 yield np.frombuffer(data, dtype=np.uint8).reshape(n, *self.image_shape)
 
 
@@ -127,7 +131,7 @@ class FolderImages:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         found = sorted(
-            (p for p in self.root.rglob("*") if p.suffix in IMAGE_SUFFIXES and p.is_file()),
+            (p for p in self.root.rglob("*") if is_image_file(p.name) and p.is_file()),
             key=lambda p: p.relative_to(self.root).as_posix(),
         )
         self.files = []
@@ -145,7 +149,7 @@ class FolderImages:
                 stacklevel=2,
             )
         if not self.files:
-            raise ValueError(f"no images ({', '.join(sorted(set(IMAGE_SUFFIXES)))}) under {self.root}")
+            raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
         self.num_images = len(self.files)
         first = self.load(0)
         self.image_shape = tuple(first.shape)
@@ -158,11 +162,11 @@ class FolderImages:
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
-                arr = center_crop_arr(im, self.image_size) if self.image_size else np.asarray(im)
-        except (OSError, SyntaxError) as err:  # e.g. a truncated file: its header read, its data does not
-            raise ValueError(f"{path}: cannot decode this image ({err}); remove or replace it") from None
+                arr = adm_center_crop(im, self.image_size) if self.image_size else np.asarray(im)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise InputError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
         if index and arr.shape != self.image_shape:
-            raise ValueError(
+            raise InputError(
                 f"{path} is {arr.shape[1]}x{arr.shape[0]} but earlier images are "
                 f"{self.image_shape[1]}x{self.image_shape[0]}; pass --image-size to centre-crop all images "
                 f"to one size (ADM preprocessing)"
@@ -195,7 +199,7 @@ class ArrayImages:
     def __post_init__(self) -> None:
         a = self.array
         if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
-            raise ValueError(f"{self.name}: expected uint8 (N, H, W, 3), got {a.dtype} {a.shape}")
+            raise InputError(f"{self.name}: expected uint8 (N, H, W, 3), got {a.dtype} {a.shape}")
         self.num_images, self.image_shape = a.shape[0], tuple(a.shape[1:])
 
     def describe(self) -> str:
@@ -230,12 +234,12 @@ def open_images(
         raise FileNotFoundError(f"{p} does not exist")
     if p.is_file():
         if p.suffix != ".npz":
-            raise ValueError(f"{p}: expected an .npz file (arr_0 uint8 (N, H, W, 3)) or a folder")
+            raise InputError(f"{p}: expected an .npz file (arr_0 uint8 (N, H, W, 3)) or a folder")
         src: ImageSource = NpzImages(p)
     else:
         npzs = sorted(x for x in p.glob("*.npz"))
         if len(npzs) > 1:
-            raise ValueError(
+            raise InputError(
                 f"{p} holds several .npz files ({', '.join(x.name for x in npzs)}); pass the one to evaluate"
             )
         if npzs:
@@ -253,7 +257,12 @@ def open_images(
                 )
     if settings_path is not None:
         src.settings_path = Path(settings_path)
-        src.settings = json.loads(Path(settings_path).read_text())
+        try:
+            src.settings = json.loads(Path(settings_path).read_text())
+        except ValueError as err:
+            raise InputError(
+                f"sampling record {settings_path} is not valid JSON ({err}); pass --settings"
+            ) from None
     return src
 
 

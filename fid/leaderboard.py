@@ -1,7 +1,9 @@
 """Leaderboard: evaluation records + the published rows -> a markdown table, a CSV and a plot.
 
 Records are the ``*.fid.json`` files ``racedit-fid eval`` writes (schema ``racedit-fid-record/1``).
-Records made with a randomly initialised Inception are left out (their numbers are not FIDs).
+Records made with a randomly initialised Inception are left out (their numbers are not FIDs). CMMD and
+CLIP score appear only when the record's CLIP is ViT-L/14@336px (``clip_model`` and its weights hash
+are columns).
 The published rows (``fid/published.csv``, from evaluation.md) are marked ``published``.
 """
 
@@ -26,6 +28,8 @@ COLUMNS = (
     "is",
     "precision",
     "recall",
+    "cmmd",
+    "clip_score",
     "params_total",
     "params_activated",
     "training",
@@ -38,6 +42,8 @@ COLUMNS = (
     "reference",
     "quantisation",
     "model_weights_sha256",
+    "clip_model",
+    "clip_weights_sha256",
     "metric_version",
     "notes",
 )
@@ -128,6 +134,13 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         notes=run.get("notes"),
     )
     row["is"] = m["inception_score"]
+    clip = record["evaluator"].get("clip")
+    if clip and clip.get("comparable_with_literature"):
+        row.update(cmmd=m.get("cmmd"), clip_score=m.get("clip_score"), clip_model=clip.get("model"),
+                   clip_weights_sha256=clip.get("weights_sha256"))  # fmt: skip
+    elif clip:
+        warnings.warn(f"{row['model']}: CMMD / CLIP score from a test CLIP ({clip.get('model')}), left out",
+                      stacklevel=2)  # fmt: skip
     return row
 
 
@@ -163,12 +176,19 @@ def _fmt(value: Any, column: str) -> str:
     if column.startswith("params") and isinstance(value, int | float):
         return f"{value / 1e9:.3f}B" if value >= 1e9 else f"{value / 1e6:.0f}M"
     if isinstance(value, float):
-        return f"{value:.2f}" if column in ("fid", "sfid", "is", "precision", "recall") else f"{value:g}"
+        if column == "cmmd":
+            return f"{value:.3f}"
+        return (
+            f"{value:.2f}"
+            if column in ("fid", "sfid", "is", "precision", "recall", "clip_score")
+            else f"{value:g}"
+        )
     return str(value).replace("|", "\\|")
 
 
-MARKDOWN_COLUMNS = ("model", "source", "fid", "sfid", "is", "precision", "recall", "params_total",
-                    "params_activated", "training", "sampler", "cfg", "num_samples", "notes")  # fmt: skip
+MARKDOWN_COLUMNS = ("model", "source", "fid", "sfid", "is", "precision", "recall", "cmmd", "clip_score",
+                    "params_total", "params_activated", "training", "sampler", "cfg", "num_samples",
+                    "notes")  # fmt: skip
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
@@ -177,7 +197,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return (
         "# Leaderboard: ImageNet 256x256, class-conditional (ADM evaluator protocol)\n\n"
         "Rows marked `published` are the papers' numbers (fid/published.csv); `ours` come from "
-        "`racedit-fid eval` records. FID/sFID lower is better.\n\n" + head + body
+        "`racedit-fid eval` records. FID/sFID lower is better; CMMD (x1000, CLIP ViT-L/14@336px) lower is "
+        "better; CLIP score higher is better.\n\n" + head + body
     )
 
 

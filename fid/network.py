@@ -24,6 +24,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from fid.data import InputError
+
 REQUIRED = ("features", "unbiased_logits", "identity", "to")
 
 
@@ -31,26 +33,26 @@ def load_feature_network(spec: str) -> Any:
     """Build the stand-in network named by ``module:callable`` or ``file.py:callable`` (see the module doc)."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--features {spec!r}: expected package.module:callable or path/to/file.py:callable")
+        raise InputError(f"--features {spec!r}: expected package.module:callable or path/to/file.py:callable")
     if module_name.endswith(".py"):
         path = Path(module_name).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"--features {spec!r}: no such file {path}")
         loader_spec = importlib.util.spec_from_file_location(f"racedit_fid_features_{path.stem}", path)
         if loader_spec is None or loader_spec.loader is None:
-            raise ValueError(f"--features {spec!r}: {path} cannot be imported")
+            raise InputError(f"--features {spec!r}: {path} cannot be imported")
         module = importlib.util.module_from_spec(loader_spec)
         loader_spec.loader.exec_module(module)
     else:
         module = importlib.import_module(module_name)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"--features {spec!r}: {module_name} has no callable {attr!r}")
+        raise InputError(f"--features {spec!r}: {module_name} has no callable {attr!r}")
     network = factory()
     missing = [name for name in REQUIRED if not hasattr(network, name)]
     if missing:
-        raise ValueError(f"--features {spec!r}: the network it builds lacks {missing} (see fid/network.py)")
+        raise InputError(f"--features {spec!r}: the network it builds lacks {missing} (see fid/network.py)")
     if getattr(network, "is_reference_network", False):
-        raise ValueError(f"--features {spec!r}: a stand-in network cannot be the reference Inception")
+        raise InputError(f"--features {spec!r}: a stand-in network cannot be the reference Inception")
     network.is_reference_network = False
     return network

@@ -7,13 +7,15 @@ Two modes:
   Finished chunks are kept in ``samples.parts/``; rerunning the same command after a kill resumes.
   ``torchrun --nproc_per_node K sample.py ...`` or ``accelerate launch sample.py ...`` spreads the
   chunks over processes (CPU: gloo); sample i always gets seed (seed, i), so the result does not
-  depend on the number of processes or the batch size.
+  depend on the number of processes, nor on the batch size, except for models whose routing ranks
+  across the batch (BL / BE choice, expert race with top-K at eval): then each image depends on the
+  other samples of its batch; the command says so, the record holds the batch size and the label order,
+  and the same command with the same --batch-size reproduces the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -23,27 +25,42 @@ from typing import Any
 import numpy as np
 import torch
 
+from racedit.cli.args import (
+    Parser,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
+from racedit.cli.common import UserError, add_debug_flag, entry, progress, run
 from racedit.config.core import to_dict
 from racedit.diffusion import DiffusionConfig, build_objective
+from racedit.io import atomic_write_json, sha256_bytes, sha256_file
 from racedit.sampling.classes import default_class_names, parse_classes
 from racedit.sampling.generate import QUANTIZATIONS, generate
 from racedit.sampling.grid import save_grid
 from racedit.sampling.meta import SamplingMeta, official_dit_meta, read_sampling_meta
 from racedit.sampling.samplers import DEFAULT_STEPS, SAMPLERS
-from racedit.sampling.store import ChunkStore
+from racedit.sampling.store import ChunkStore, ChunkStoreError
 
+PROG = "racedit-sample"
 ALL_SAMPLERS = [s for names in SAMPLERS.values() for s in names]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="racedit-sample",
+    p = Parser(
+        prog=PROG,
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument(
-        "--ckpt", required=True, help="racedit model/checkpoint directory, or an official DiT .pt file"
+        "--ckpt",
+        required=True,
+        help="racedit model/checkpoint directory, an official DiT .pt file, or a diffusers "
+        "DiTTransformer2DModel / DiTPipeline folder (a pipeline's vae/ is the VAE)",
     )
     g.add_argument(
         "--objective",
@@ -59,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--scaling-factor",
-        type=float,
+        type=positive_float,
         default=None,
         help="latent scale (default: sampling.json's, else 0.18215)",
+    )
+    g.add_argument(
+        "--shift-factor",
+        type=finite_float,
+        default=None,
+        help="latent shift: the decoder gets latents / scale + shift (default: sampling.json's, else the "
+        "VAE config's; 0 for SD-VAE)",
     )
 
     g = p.add_argument_group("what to sample")
@@ -72,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="class ids or names, e.g. 207 'golden retriever' 88,89 (grid default: 8 classes spread over "
         "the label range; with --num-samples: restrict labels to these classes)",
     )
-    g.add_argument("--num-per-class", type=int, default=4, help="grid mode: samples per class")
+    g.add_argument("--num-per-class", type=positive_int, default=4, help="grid mode: samples per class")
     g.add_argument(
-        "--num-samples", type=int, default=None, help="evaluation mode: total samples (needs --npz)"
+        "--num-samples", type=positive_int, default=None, help="evaluation mode: total samples (needs --npz)"
     )
     g.add_argument(
         "--label-sampling",
@@ -93,27 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: ddpm or euler)",
     )
     g.add_argument(
-        "--steps", type=int, default=None, help=f"sampling steps (default per sampler: {DEFAULT_STEPS})"
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"sampling steps (default per sampler: {DEFAULT_STEPS})",
     )
     g.add_argument(
         "--cfg-scale",
-        type=float,
+        type=non_negative_float,
         default=None,
-        help="classifier-free guidance scale; 1 = none (one forward per step). Default 4.0 for a grid, "
-        "1.5 for --num-samples (DiT's settings)",
+        help="classifier-free guidance scale >= 0; 1 = none (one forward per step), 0 = unconditional. "
+        "Default 4.0 for a grid, 1.5 for --num-samples (DiT's settings)",
     )
     g.add_argument(
         "--guidance-interval",
         nargs=2,
-        type=float,
+        type=unit_interval,
         metavar=("LO", "HI"),
         default=None,
         help="apply guidance only at noise levels in [LO, HI] (0 = data, 1 = noise; ddpm: t/1000)",
     )
     g.add_argument(
         "--guidance-channels",
+        type=guidance_channels,
         default="all",
         help="guide 'all' prediction channels, or only the first N (3 reproduces DiT's numbers)",
+    )
+    g.add_argument(
+        "--cfg-halves",
+        choices=["joint", "separate"],
+        default="joint",
+        help="guided forward: conditional and unconditional halves in one batch (DiT's protocol), or two "
+        "forwards; differs only for routing that ranks across the batch (they then race together or not)",
     )
     g.add_argument(
         "--spacing",
@@ -123,19 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
         "'250' respacing; leading for ddim = DiT's 'ddimN')",
     )
     g.add_argument(
-        "--shift", type=float, default=None, help="flow euler/heun: time shift of the grid (1 = uniform)"
+        "--shift",
+        type=positive_float,
+        default=None,
+        help="flow euler/heun: time shift of the grid (1 = uniform)",
     )
     g.add_argument(
-        "--sde-norm", type=float, default=None, help="euler-maruyama: diffusion g(t)^2 = norm * t (default 1)"
+        "--sde-norm",
+        type=non_negative_float,
+        default=None,
+        help="euler-maruyama: diffusion g(t)^2 = norm * t (default 1)",
     )
-    g.add_argument("--seed", type=int, default=0, help="global seed; sample i uses (seed, i)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="global seed; sample i uses (seed, i)")
 
     g = p.add_argument_group("output")
     g.add_argument(
         "--out", default=None, help="grid mode: PNG path of the labelled grid (default sample.png)"
     )
     g.add_argument(
-        "--nrow", type=int, default=None, help="grid mode: tiles per row (default: --num-per-class)"
+        "--nrow", type=positive_int, default=None, help="grid mode: tiles per row (default: --num-per-class)"
     )
     g.add_argument(
         "--npz", default=None, help="evaluation mode: output .npz (a .json record is written beside it)"
@@ -146,13 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="dit",
         help="float -> uint8: dit = clamp(127.5x+128) (rounds), adm = clamp((x+1)*127.5) (truncates)",
     )
-    g.add_argument("--chunk-size", type=int, default=500, help="evaluation mode: samples per resumable chunk")
+    g.add_argument(
+        "--chunk-size", type=positive_int, default=500, help="evaluation mode: samples per resumable chunk"
+    )
     g.add_argument("--keep-chunks", action="store_true", help="keep the .parts folder after merging")
     g.add_argument("--overwrite", action="store_true", help="evaluation mode: redo even if the .npz exists")
 
     g = p.add_argument_group("runtime")
     g.add_argument(
-        "--batch-size", type=int, default=32, help="samples per forward (results do not depend on it)"
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="samples per forward (results do not depend on it unless the routing ranks across the batch)",
     )
     g.add_argument(
         "--device", default=None, help="torch device (default: the process's accelerator, else cpu)"
@@ -164,7 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="autocast precision of the model forward (the sampler state stays fp32)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_debug_flag(g)
     return p
+
+
+def guidance_channels(text: str) -> str | int:
+    """``all`` or a positive number of channels."""
+    if text == "all":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'all' or an integer >= 1, got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -177,20 +234,23 @@ def weights_file(ckpt: Path) -> Path | None:
         f = (ckpt / sub if sub else ckpt) / "model.safetensors"
         if f.is_file():
             return f
+    for f in (
+        ckpt / "diffusion_pytorch_model.safetensors",
+        ckpt / "transformer" / "diffusion_pytorch_model.safetensors",
+    ):
+        if f.is_file():  # diffusers DiTTransformer2DModel / DiTPipeline folders
+            return f
     return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_meta(args: argparse.Namespace, model: torch.nn.Module) -> SamplingMeta:
     ckpt = Path(args.ckpt)
     meta = read_sampling_meta(ckpt) if ckpt.is_dir() else None
+    if meta is None and ckpt.is_dir():
+        from racedit.models.diffusers_io import is_pipeline_folder, pipeline_sampling_meta
+
+        if is_pipeline_folder(ckpt):  # its vae/; the scheduler config only says which DDPM betas
+            meta = pipeline_sampling_meta(ckpt)
     if meta is None:
         if ckpt.is_dir():
             print(
@@ -202,10 +262,13 @@ def resolve_meta(args: argparse.Namespace, model: torch.nn.Module) -> SamplingMe
     diffusion = dict(meta.diffusion)
     if args.objective is not None:
         diffusion["objective"] = args.objective
+    pick = lambda flag, stored: flag if flag is not None else stored  # noqa: E731
     return SamplingMeta(
         space=meta.space,
         vae=args.vae or meta.vae,
-        scaling_factor=args.scaling_factor if args.scaling_factor is not None else meta.scaling_factor,
+        scaling_factor=pick(args.scaling_factor, meta.scaling_factor),
+        shift_factor=pick(args.shift_factor, meta.shift_factor),
+        vae_subfolder=meta.vae_subfolder if args.vae is None else None,
         diffusion=diffusion,
         class_names=meta.class_names,
         image_size=meta.image_size,
@@ -228,17 +291,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--npz needs --num-samples")
     if args.npz is not None and args.out is not None:
         parser.error("choose one mode: --out (grid) or --num-samples/--npz (evaluation file)")
-    if args.num_samples is not None and args.num_samples < 1:
-        parser.error("--num-samples must be >= 1")
-    if args.num_per_class < 1 or args.batch_size < 1 or args.chunk_size < 1:
-        parser.error("--num-per-class, --batch-size and --chunk-size must be >= 1")
-    if args.guidance_channels != "all":
-        try:
-            args.guidance_channels = int(args.guidance_channels)
-        except ValueError:
-            parser.error(f"--guidance-channels must be 'all' or an integer, got {args.guidance_channels!r}")
-        if args.guidance_channels < 1:
-            parser.error("--guidance-channels must be >= 1")
+    if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
+        parser.error(f"--guidance-interval LO HI needs LO <= HI, got {args.guidance_interval}")
     if args.npz is not None and not args.npz.endswith(".npz"):
         parser.error("--npz must end with .npz")
 
@@ -247,19 +301,69 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: user errors are one stderr line and exit code 2 (``--debug``: the traceback)."""
+    return run(_main, PROG, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     from racedit.distributed import process_group_scope
 
     with process_group_scope():  # under torchrun: every rank leaves the process group cleanly
-        return run(argv)
+        return _sample(argv)
 
 
-def run(argv: list[str] | None) -> int:
+cli = entry(_main, PROG)  # the console script racedit-sample
+
+
+def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
+    """``load_model`` with every failure of the files (missing, corrupt, malformed) as one UserError."""
+    from safetensors import SafetensorError
+
+    from racedit.models.loading import CheckpointError, load_model
+
+    path = Path(ckpt)
+    if not path.exists():
+        raise UserError(
+            f"--ckpt {ckpt}: no such file or directory. Pass a racedit model directory (train.output_dir/final), "
+            "a training checkpoint directory, or an official DiT .pt file (download DiT-XL-2-256x256.pt from "
+            "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt)"
+        )
+    if path.is_dir():
+        model_dir = next(
+            (d for d in (path, path / "ema", path / "model") if (d / "config.json").is_file()), None
+        )
+        if model_dir is not None:
+            config = model_dir / "config.json"
+            try:
+                if not isinstance(json.loads(config.read_text()), dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as err:
+                raise UserError(
+                    f"{config} is not a valid model config ({err}); re-export the model with "
+                    "racedit.save_model or restore config.json from the run's checkpoint"
+                ) from None
+            if not (model_dir / "model.safetensors").is_file():
+                raise UserError(
+                    f"{model_dir} has a config.json but no model.safetensors (the weights); the export is "
+                    "incomplete: re-export it, or pass a training checkpoint directory (it holds ema/)"
+                )
+    try:
+        return load_model(ckpt, device=device)
+    except UserError:
+        raise
+    except (CheckpointError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(
+            f"cannot load the model from {ckpt} ({type(err).__name__}: {first}); the file is corrupt or not a "
+            "racedit/DiT checkpoint: re-export it or use another checkpoint (--debug shows the traceback)"
+        ) from err
+
+
+def _sample(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
     from accelerate import PartialState
-
-    from racedit.models.loading import load_model
 
     # Without CUDA (or with --device cpu), torchrun's environment means gloo processes on the CPU.
     cpu = (args.device is not None and args.device.startswith("cpu")) or not torch.cuda.is_available()
@@ -270,7 +374,7 @@ def run(argv: list[str] | None) -> int:
     if grid_mode and not is_main:
         return 0  # a grid is drawn by one process
 
-    model = load_model(args.ckpt, device=device)
+    model = load_checkpoint(args.ckpt, device)
     meta = resolve_meta(args, model)
     dcfg: DiffusionConfig = meta.diffusion_config()
     objective = build_objective(dcfg, model.arch.learn_sigma)
@@ -279,7 +383,7 @@ def run(argv: list[str] | None) -> int:
         parser.error(
             f"--sampler {sampler} does not fit the {objective.kind} objective: use one of {list(objective.samplers)}"
         )
-    steps = args.steps or DEFAULT_STEPS[sampler]
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS[sampler]
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else (4.0 if grid_mode else 1.5)
     class_names = list(meta.class_names) if meta.class_names else default_class_names(model.arch.num_classes)
     try:
@@ -295,15 +399,31 @@ def run(argv: list[str] | None) -> int:
         options["diffusion_norm"] = args.sde_norm
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
 
-    decode = None
+    decode, vae_record = None, {"vae": None, "scaling_factor": None, "shift_factor": None}
     if meta.space == "latent":
-        from racedit.sampling.vae import VAEError, load_vae, vae_decoder
+        from racedit.vae import LatentVAE, load_vae, resolve_vae
 
-        try:
-            decode = vae_decoder(load_vae(meta.vae, device), meta.scaling_factor, args.batch_size)
-        except VAEError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        source = resolve_vae(meta.vae, meta.vae_subfolder)
+        latent_vae = LatentVAE(
+            load_vae(source, device), meta.scaling_factor, meta.shift_factor, batch_size=args.batch_size
+        )
+        decode = latent_vae.decode
+        vae_record = {
+            **source.record(),
+            "scaling_factor": latent_vae.scaling_factor,
+            "shift_factor": latent_vae.shift_factor,
+        }
+
+    from racedit.moe import inference_batch_dependence
+
+    dependence = inference_batch_dependence(model)
+    if dependence is not None and is_main:
+        print(
+            f"[sample] batch-dependent: {dependence}; each image depends on the other samples of its batch "
+            f"(--batch-size {args.batch_size}{'' if grid_mode else f' within chunks of {args.chunk_size}'}, "
+            f"label order, --cfg-halves {args.cfg_halves}); the same command reproduces the same bytes",
+            file=sys.stderr,
+        )
 
     wfile = weights_file(Path(args.ckpt))
     settings: dict[str, Any] = {
@@ -311,8 +431,7 @@ def run(argv: list[str] | None) -> int:
         "weights_sha256": sha256_file(wfile) if wfile is not None else None,
         "model": to_dict(model.arch),
         "space": meta.space,
-        "vae": meta.vae if meta.space == "latent" else None,
-        "scaling_factor": meta.scaling_factor if meta.space == "latent" else None,
+        **vae_record,
         "diffusion": to_dict(dcfg),
         "sampler": sampler,
         "steps": steps,
@@ -320,12 +439,16 @@ def run(argv: list[str] | None) -> int:
         "cfg_scale": cfg_scale,
         "guidance_interval": list(args.guidance_interval) if args.guidance_interval else None,
         "guidance_channels": args.guidance_channels,
+        "cfg_halves": args.cfg_halves,
+        "batch_dependence": dependence,  # None: each image is independent of its batch (to float rounding)
         "seed": args.seed,
         "seeding": "sample i: torch CPU generator seeded by SeedSequence([seed, i])",
         "quantization": args.quantization,
         "quantization_rule": QUANTIZATIONS[args.quantization],
         "precision": args.precision,
     }
+    if dependence is not None:  # part of what the images are: a different batch size gives other images
+        settings["batch_size"] = args.batch_size
     common = dict(
         objective=objective,
         sampler=sampler,
@@ -333,6 +456,7 @@ def run(argv: list[str] | None) -> int:
         cfg_scale=cfg_scale,
         guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
         guidance_channels=args.guidance_channels,
+        guidance_halves=args.cfg_halves,
         seed=args.seed,
         decode=decode,
         batch_size=args.batch_size,
@@ -370,16 +494,16 @@ def _grid(args, model, classes, class_names, settings, common) -> int:
     images = generate(model, labels, progress=not args.no_progress, **common)
     out = Path(args.out or "sample.png")
     save_grid(images, labels, class_names, out, nrow=args.nrow or args.num_per_class)
-    record = _record(settings, {"mode": "grid", "classes": classes, "num_per_class": args.num_per_class})
+    extra = {"mode": "grid", "classes": classes, "num_per_class": args.num_per_class}
+    extra |= {"batch_size": args.batch_size, "class_order": labels}  # the order batches were filled in
+    record = _record(settings, extra)
     record["params"] = model.param_counts()
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out.with_suffix(".json"), record, indent=2)
     print(f"[sample] wrote {out} ({len(labels)} samples) and {out.with_suffix('.json')}")
     return 0
 
 
 def _evaluation(args, model, classes, settings, common, state, rank, world, is_main) -> int:
-    from tqdm.auto import tqdm
-
     npz = Path(args.npz)
     json_path = npz.with_suffix(".json")
     pool = classes if classes is not None else list(range(model.arch.num_classes))
@@ -401,12 +525,14 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
     if is_main:
         try:
             store.prepare(settings)
-        except RuntimeError as err:
+            for problem in store.remove_corrupt_chunks():  # redone below, never merged
+                print(f"[sample] {problem}", file=sys.stderr, flush=True)
+        except ChunkStoreError as err:
             error = str(err)
     state.wait_for_everyone()
     if error is not None or not (store.dir / "settings.json").is_file():
         if is_main:
-            print(f"error: {error}", file=sys.stderr)
+            raise UserError(error or f"{store.dir}/settings.json could not be written")
         return 2
     labels = evaluation_labels(args, pool)
     todo = store.missing()
@@ -419,7 +545,7 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
         )
     state.wait_for_everyone()  # every rank has listed the same missing chunks before any is written
     mine = todo[rank::world]
-    bar = tqdm(
+    bar = progress(
         total=sum(store.bounds(k)[1] - store.bounds(k)[0] for k in mine) * world,
         desc="samples (all processes, estimated)",
         disable=args.no_progress or not is_main,
@@ -441,16 +567,18 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
                 "file": str(npz),
                 "layout": "arr_0 uint8 (N,H,W,3), arr_1 int64 labels",
                 "num_processes": world,
+                "batch_size": args.batch_size,
+                # batches are consecutive runs of arr_1 within each chunk, in this order
+                "class_order": "arr_1 (sampling order)",
+                "class_order_sha256": sha256_bytes(labels.astype("<i8").tobytes()),
             },
         )
         record["params"] = model.param_counts()
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_json(json_path, record, indent=2)
         print(f"[sample] wrote {npz} and {json_path}", flush=True)
     state.wait_for_everyone()
     return 0
 
 
 if __name__ == "__main__":
-    from racedit.distributed import exit_command
-
-    exit_command(main())
+    cli()

@@ -9,8 +9,9 @@ Subcommands (``racedit-extract <cmd> --help`` explains every flag):
              rerun of the same command skips finished shards and redoes only unfinished ones (shards are
              written atomically), even with another number of processes. Unreadable images are listed in
              ``report.json`` and excluded.
-``verify``   checks every shard against the index and metadata (counts, shapes, dtypes, labels, finite
-             values, every image exactly once).
+``verify``   checks every file's content hash against ``manifest.json`` (a single flipped byte fails), and
+             every shard against the index and metadata (counts, shapes, dtypes, labels, finite values,
+             every image exactly once).
 ``stats``    per-channel mean and std of the scaled latents the trainer will see: a wrong scaling factor
              shows up as a std far from 1.
 
@@ -36,11 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from racedit.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
+from racedit.cli.common import UserError, add_debug_flag, entry, run
+from racedit.cli.common import progress as progress_bar
 from racedit.data.format import (
     FILES_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_FILE,
+    MANIFEST_FILE,
     META_FILE,
     PLAN_FILE,
     REPORT_FILE,
@@ -48,22 +53,26 @@ from racedit.data.format import (
     SafetensorsHeader,
     check_shard_header,
     fingerprint,
+    hash_name,
     load_index,
     load_meta,
     read_json,
-    remove_stale_temporaries,
+    read_shard_hash,
     shard_name,
-    write_json,
     write_safetensors,
+    write_shard_hash,
 )
+from racedit.io import atomic_write_json, check_manifest, remove_stale_temporaries, sha256_file
+from racedit.vae import DEFAULT_VAE, load_vae, resolve_vae
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+PROG = "racedit-extract"
 FP16_MAX = 65504.0
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings a shard's content depends on; a rerun must match them to resume (batch size, workers do not).
 _PLAN_KEYS = (
     "data_dir",
     "vae",
+    "vae_subfolder",
     "vae_config",
     "resolution",
     "shard_size",
@@ -74,7 +83,7 @@ _PLAN_KEYS = (
 )
 
 
-class ExtractError(RuntimeError):
+class ExtractError(UserError):
     """Extraction cannot proceed; the message names the problem and the fix."""
 
 
@@ -83,35 +92,8 @@ def _log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# VAE
+# VAE (loaded by racedit.vae: the one loader every command uses)
 # ---------------------------------------------------------------------------------------------------
-
-
-def load_vae(name: str, subfolder: str | None = None) -> Any:
-    """``AutoencoderKL.from_pretrained`` with an error that says what to download and where when offline."""
-    from diffusers import AutoencoderKL
-
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    if path.is_dir() and subfolder is None:
-        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-            subfolder = "vae"  # a full Stable Diffusion pipeline folder
-    if looks_local and not path.exists():
-        raise ExtractError(f"VAE folder {path} does not exist; pass a Hugging Face hub id or a local folder")
-    try:
-        vae = AutoencoderKL.from_pretrained(str(path) if looks_local else name, subfolder=subfolder)
-    except (OSError, ValueError) as err:
-        hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        local = Path(name).name or "vae"
-        raise ExtractError(
-            f"could not load the VAE '{name}' ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
-            "Without network access, download it once where there is network:\n"
-            f"  huggingface-cli download {name} config.json diffusion_pytorch_model.safetensors "
-            f"--local-dir ./{local}\n"
-            f"then copy the folder here and pass --vae /path/to/{local}, or put it in the Hugging Face "
-            f"cache ({hf_home}) and set HF_HUB_OFFLINE=1."
-        ) from None
-    return vae.eval().requires_grad_(False)
 
 
 def vae_properties(vae: Any, resolution: int, scaling_factor: float | None) -> dict[str, Any]:
@@ -191,7 +173,7 @@ def make_or_check_plan(out: Path, data_dir: Path, settings: dict[str, Any]) -> d
         _log(f"{len(listing.ignored)} files without an image extension are ignored (listed in {REPORT_FILE})")
     n = len(listing.files)
     num_shards = (n + settings["shard_size"] - 1) // settings["shard_size"]
-    write_json(
+    atomic_write_json(
         out / FILES_FILE,
         {"class_names": listing.class_names, "files": listing.files, "ignored": listing.ignored},
         indent=None,  # 1.28M entries for ImageNet: keep it compact
@@ -204,7 +186,7 @@ def make_or_check_plan(out: Path, data_dir: Path, settings: dict[str, Any]) -> d
         "num_files": n,
         "num_shards": num_shards,
     }
-    write_json(plan_path, plan)  # written after files.json: a plan on disk always has its file list
+    atomic_write_json(plan_path, plan)  # written after files.json: a plan on disk always has its file list
     return plan
 
 
@@ -214,6 +196,7 @@ def make_or_check_plan(out: Path, data_dir: Path, settings: dict[str, Any]) -> d
 
 
 def _shard_done(out: Path, k: int, latent_shape: tuple[int, int, int], fprint: str) -> bool:
+    """Whether finished shard k can be kept: its header fits the plan and its bytes match its hash."""
     path = out / shard_name(k)
     if not path.is_file():
         return False
@@ -221,6 +204,12 @@ def _shard_done(out: Path, k: int, latent_shape: tuple[int, int, int], fprint: s
         check_shard_header(SafetensorsHeader(path), latent_shape, None, fprint)
     except LatentFormatError as err:
         _log(f"redoing {path.name}: {err}")
+        return False
+    recorded = read_shard_hash(out, k)
+    if recorded is None:  # killed between the shard and its hash: the shard is complete (atomic)
+        write_shard_hash(out, k)
+    elif sha256_file(path) != recorded:
+        _log(f"redoing {path.name}: its content differs from the hash in {hash_name(k)} (corrupted on disk)")
         return False
     return True
 
@@ -236,8 +225,6 @@ def _encode_shards(
     show_progress: bool,
 ) -> None:
     """Encode the given shards in order; each is written (atomically) as soon as its last batch is done."""
-    from tqdm import tqdm
-
     from racedit.data.imagefolder import ImageListDataset, collate_items
 
     settings = plan["settings"]
@@ -260,7 +247,7 @@ def _encode_shards(
         prefetch_factor=4 if args.num_workers > 0 else None,
     )
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="img", desc="encoding", disable=not show_progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, unit="img", desc="encoding", disable=not show_progress)
     means: list[np.ndarray] = []
     stds: list[np.ndarray] = []
     labels: list[int] = []
@@ -294,6 +281,7 @@ def _encode_shards(
                 "excluded": excluded,
             }
             write_safetensors(out / shard_name(end), tensors, meta)
+            write_shard_hash(out, end)
             for e in excluded:
                 _log(f"excluded unreadable image {e['path']} ({e['error']})")
             means, stds, labels, indices, excluded = [], [], [], [], []
@@ -303,8 +291,24 @@ def _encode_shards(
     bar.close()
 
 
-def finalize(out: Path, plan: dict[str, Any], vae_id: str, file_list: dict[str, Any]) -> dict[str, Any]:
-    """Gather all shards into index.safetensors, report.json and (last) meta.json. Main process only."""
+def _write_manifest(out: Path, num_shards: int) -> None:
+    """manifest.json: size and SHA-256 of every file of the extraction; shard hashes come from their
+    ``.sha256`` files (hashed when written), so a 40 GB extraction is not read again here."""
+    files = {}
+    for k in range(num_shards):
+        name = shard_name(k)
+        digest = read_shard_hash(out, k) or write_shard_hash(out, k)
+        files[name] = {"size": (out / name).stat().st_size, "sha256": digest}
+    for name in (PLAN_FILE, FILES_FILE, INDEX_FILE, REPORT_FILE):
+        files[name] = {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    atomic_write_json(out / MANIFEST_FILE, {"files": files})
+
+
+def finalize(
+    out: Path, plan: dict[str, Any], vae: dict[str, Any], file_list: dict[str, Any]
+) -> dict[str, Any]:
+    """Gather all shards into index.safetensors, report.json, manifest.json and (last) meta.json.
+    Main process only. ``vae``: the VAE's record (``racedit.vae.VAESource.record``)."""
     settings = plan["settings"]
     latent_shape = tuple(settings["latent_shape"])
     labels, file_index, counts, excluded = [], [], [], []
@@ -329,7 +333,7 @@ def finalize(out: Path, plan: dict[str, Any], vae_id: str, file_list: dict[str, 
         {"format_version": FORMAT_VERSION, "fingerprint": plan["fingerprint"]},
     )
     class_names = file_list["class_names"]
-    write_json(
+    atomic_write_json(
         out / REPORT_FILE,
         {
             "num_files": plan["num_files"],
@@ -342,7 +346,7 @@ def finalize(out: Path, plan: dict[str, Any], vae_id: str, file_list: dict[str, 
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "vae": vae_id,
+        **vae,
         "scaling_factor": settings["scaling_factor"],
         "shift_factor": settings["shift_factor"],
         "resolution": settings["resolution"],
@@ -363,7 +367,8 @@ def finalize(out: Path, plan: dict[str, Any], vae_id: str, file_list: dict[str, 
         "vae_config": settings["vae_config"],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(out / META_FILE, meta)  # last: its presence marks a complete extraction
+    _write_manifest(out, plan["num_shards"])
+    atomic_write_json(out / META_FILE, meta)  # last: its presence marks a complete extraction
     return meta
 
 
@@ -397,13 +402,17 @@ def run_extract(args: argparse.Namespace) -> int:
     state = _process_state(args.cpu, args.timeout_hours)
     out = Path(args.out).expanduser().resolve()
     data_dir = Path(args.data_dir).expanduser().resolve()
+    if not data_dir.is_dir() and not (out / PLAN_FILE).is_file():  # a resume only needs files.json
+        raise ExtractError(f"--data-dir {data_dir} is not a folder; expected <data-dir>/<class name>/<image>")
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    vae = load_vae(args.vae, args.vae_subfolder)
+    source = resolve_vae(args.vae, args.vae_subfolder)  # a local folder is recorded absolute
+    vae = load_vae(source, state.device, _DTYPES[args.dtype])
     props = vae_properties(vae, args.resolution, args.scaling_factor)
     settings = {
         "data_dir": str(data_dir),
-        "vae": args.vae,
+        "vae": source.name,
+        "vae_subfolder": source.subfolder,
         "resolution": args.resolution,
         "shard_size": args.shard_size,
         "encode_dtype": args.dtype,
@@ -431,13 +440,10 @@ def run_extract(args: argparse.Namespace) -> int:
         f"({plan['num_files']} images, {plan['num_shards']} shards of {plan['settings']['shard_size']} in all)"
     )
     if todo:
-        vae.to(state.device)
-        if args.dtype != "fp32":
-            vae.to(_DTYPES[args.dtype])
         _encode_shards(vae, data_dir, files, todo, plan, args, out, state.is_local_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
-        meta = finalize(out, plan, args.vae, file_list)
+        meta = finalize(out, plan, source.record(), file_list)
         _log(
             f"done: {meta['num_images']} images in {meta['num_shards']} shards, {meta['num_excluded']} "
             f"excluded (see {out / REPORT_FILE}); latents {meta['latent_shape']}, scaling factor "
@@ -453,16 +459,23 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def verify(root: str | Path, quick: bool = False, progress: bool = True) -> list[str]:
-    """Check every shard against the index and metadata; returns the problems found (empty: all good)."""
-    from tqdm import tqdm
-
+    """Check every file's content hash (unless ``quick``) and every shard against the index and metadata;
+    returns the problems found (empty: all good)."""
     root = Path(root)
     meta = load_meta(root)
+    problems: list[str] = []
+    if not quick:
+        if (root / MANIFEST_FILE).is_file():
+            problems += check_manifest(root, MANIFEST_FILE)
+        else:
+            problems.append(
+                f"{root / MANIFEST_FILE} is missing, so content hashes cannot be checked (an extraction by an "
+                "older racedit-extract); rerun the same `racedit-extract extract` command to write it"
+            )
     index = load_index(root)
     latent_shape = tuple(meta["latent_shape"])
     counts = index["shard_counts"]
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    problems: list[str] = []
     if len(counts) != meta["num_shards"]:
         problems.append(f"index lists {len(counts)} shards, meta.json says {meta['num_shards']}")
     if int(offsets[-1]) != meta["num_images"] or len(index["labels"]) != meta["num_images"]:
@@ -487,7 +500,7 @@ def verify(root: str | Path, quick: bool = False, progress: bool = True) -> list
             problems.append(
                 f"{meta['num_images']} encoded + {meta['num_excluded']} excluded != {plan['num_files']} files"
             )
-    for k in tqdm(range(len(counts)), desc="verifying shards", unit="shard", disable=not progress):
+    for k in progress_bar(range(len(counts)), desc="verifying shards", unit="shard", disable=not progress):
         path = root / shard_name(k)
         lo, hi = int(offsets[k]), int(offsets[k + 1])
         try:
@@ -537,8 +550,6 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def latent_stats(root: str | Path, max_images: int = 10000, seed: int = 0) -> dict[str, Any]:
     """Per-channel mean/std of the latents the trainer sees (one posterior draw, random flip, scaled)."""
-    from tqdm import tqdm
-
     from racedit.data.latents import LatentDataset
 
     ds = LatentDataset(root, seed=seed)
@@ -549,7 +560,7 @@ def latent_stats(root: str | Path, max_images: int = 10000, seed: int = 0) -> di
     s1 = np.zeros(C, np.float64)
     s2 = np.zeros(C, np.float64)
     per_item = ds.sample_shape[1] * ds.sample_shape[2]
-    for i in tqdm(pick, desc="latent stats", unit="img", disable=len(pick) < 2000):
+    for i in progress_bar(pick, desc="latent stats", unit="img", disable=len(pick) < 2000):
         x = ds[int(i)][0].double().reshape(C, -1).numpy()  # (C, h*w)
         s1 += x.sum(1)
         s2 += (x * x).sum(1)
@@ -600,8 +611,8 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="racedit-extract",
+    parser = Parser(
+        prog=PROG,
         description="Encode an image-folder dataset into VAE latent shards, verify them, report their stats.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -625,33 +636,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="subfolder of --vae holding the VAE (auto 'vae' for a full Stable Diffusion pipeline folder)",
     )
-    ex.add_argument("--resolution", type=int, default=256, help="image side after ADM center crop (256, 512)")
-    ex.add_argument("--batch-size", type=int, default=32, help="images per VAE forward (x2 with flips)")
     ex.add_argument(
-        "--shard-size", type=int, default=4096, help="images per shard (the unit of resume and of work)"
+        "--resolution", type=positive_int, default=256, help="image side after ADM center crop (256, 512)"
     )
     ex.add_argument(
-        "--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes"
+        "--batch-size", type=positive_int, default=32, help="images per VAE forward (x2 with flips)"
+    )
+    ex.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=4096,
+        help="images per shard (the unit of resume and of work)",
+    )
+    ex.add_argument(
+        "--num-workers",
+        type=non_negative_int,
+        default=min(8, os.cpu_count() or 1),
+        help="image decoding processes",
     )
     ex.add_argument(
         "--dtype", choices=sorted(_DTYPES), default="fp32", help="VAE compute precision (storage is fp16)"
     )
     ex.add_argument(
         "--scaling-factor",
-        type=float,
+        type=positive_float,
         default=None,
         help="latent scaling factor to record; default: the VAE config's (0.18215 for SD VAEs)",
     )
     ex.add_argument("--cpu", action="store_true", help="encode on the CPU even when a GPU is present")
     ex.add_argument(
-        "--timeout-hours", type=float, default=12.0, help="how long processes wait for each other at the end"
+        "--timeout-hours",
+        type=positive_float,
+        default=12.0,
+        help="how long processes wait for each other at the end",
     )
     ex.add_argument(
         "--throttle",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="seconds to sleep after each batch (only for testing interruption and resume)",
     )
+    add_debug_flag(ex)
     ex.set_defaults(func=run_extract)
 
     ve = sub.add_parser(
@@ -664,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ve.add_argument("--root", required=True, help="latent directory written by `racedit-extract extract`")
     ve.add_argument("--quick", action="store_true", help="check headers and labels only, not every value")
+    add_debug_flag(ve)
     ve.set_defaults(func=run_verify)
 
     st = sub.add_parser(
@@ -674,26 +700,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     st.add_argument("--root", required=True, help="latent directory written by `racedit-extract extract`")
-    st.add_argument("--max-images", type=int, default=10000, help="random subset size (all if fewer)")
-    st.add_argument("--seed", type=int, default=0, help="seed of the subset and of the posterior draws")
+    st.add_argument(
+        "--max-images", type=positive_int, default=10000, help="random subset size (all if fewer)"
+    )
+    st.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the subset and of the posterior draws"
+    )
     st.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    add_debug_flag(st)
     st.set_defaults(func=run_stats)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     from racedit.distributed import process_group_scope
 
     args = build_parser().parse_args(argv)
-    try:
-        with process_group_scope():  # under torchrun: every rank leaves the process group cleanly
-            return args.func(args)
-    except (ExtractError, LatentFormatError) as err:
-        print(f"racedit-extract {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    with process_group_scope():  # under torchrun: every rank leaves the process group cleanly
+        return args.func(args)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: user errors are one stderr line and exit code 2 (``--debug``: the traceback)."""
+    return run(_main, PROG, argv)
+
+
+cli = entry(_main, PROG)  # the console script racedit-extract
 
 if __name__ == "__main__":
-    from racedit.distributed import exit_command
-
-    exit_command(main())
+    cli()

@@ -9,8 +9,10 @@ An output directory holds::
     files.json                the ordered image list [[relative path, label], ...] the shards are cut from
     shard-00000.safetensors   finished shards; shard k holds files[k * shard_size : (k + 1) * shard_size]
     ...                       minus the images that could not be read
+    shard-00000.safetensors.sha256   its SHA-256 (``sha256sum -c`` format), written right after the shard
     index.safetensors         labels (N,) int64, file_index (N,) int64, shard_counts (S,) int64
     report.json               excluded (unreadable or corrupt) images with their error, and counts
+    manifest.json             size and SHA-256 of every file above (``racedit.io`` manifest format)
     meta.json                 written last: its presence means the extraction is complete
 
 A shard holds, for its n readable images (dimension 1: 0 = the image, 1 = its horizontal flip)::
@@ -23,21 +25,23 @@ A shard holds, for its n readable images (dimension 1: 0 = the image, 1 = its ho
 and one safetensors metadata entry ``"racedit"``: a JSON object with ``format_version``, ``shard``,
 ``count``, ``fingerprint`` (of the plan) and ``excluded`` (a list of ``{"path", "error"}``).
 
-Shards are written to a temporary name and renamed, so a shard file either is complete or does not
-exist: that is what makes extraction resumable after ``kill -9``.
+Shards are written to a temporary name and renamed (``racedit.io.atomic_write``), so a shard file either
+is complete or does not exist: that is what makes extraction resumable after ``kill -9``. Its recorded
+hash catches what atomicity cannot (bytes changed later on disk): ``racedit-extract verify`` recomputes
+every hash in the manifest, and a resumed extraction redoes a finished shard whose hash differs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from racedit.cli.common import UserError
+from racedit.io import MANIFEST, atomic_write, atomic_write_text, sha256_file, sha256_text
 
 FORMAT_NAME = "racedit-latents"
 FORMAT_VERSION = 1
@@ -47,19 +51,40 @@ FILES_FILE = "files.json"
 INDEX_FILE = "index.safetensors"
 REPORT_FILE = "report.json"
 META_FILE = "meta.json"
-TMP_MARK = ".tmp-"  # temporary files are "<name>.tmp-<pid>"
+MANIFEST_FILE = MANIFEST
 
 SHARD_TENSORS = ("mean", "std", "labels", "file_index")
 
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "BF16": None}
 
 
-class LatentFormatError(ValueError):
+class LatentFormatError(UserError, ValueError):
     """A latent directory or shard does not match what its metadata promises; the message says the fix."""
 
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
+
+
+def hash_name(k: int) -> str:
+    """The file holding shard k's SHA-256."""
+    return shard_name(k) + ".sha256"
+
+
+def write_shard_hash(root: Path, k: int) -> str:
+    """Hash shard k (just written: read back from the page cache) into its ``.sha256`` file."""
+    digest = sha256_file(root / shard_name(k))
+    atomic_write_text(root / hash_name(k), f"{digest}  {shard_name(k)}\n")
+    return digest
+
+
+def read_shard_hash(root: Path, k: int) -> str | None:
+    """The recorded SHA-256 of shard k, or None when there is no (readable) record."""
+    try:
+        digest = (root / hash_name(k)).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return digest if len(digest) == 64 else None
 
 
 def extract_hint(root: str | Path) -> str:
@@ -72,49 +97,7 @@ def extract_hint(root: str | Path) -> str:
 
 def fingerprint(settings: dict[str, Any]) -> str:
     """Short stable hash of the settings a shard depends on."""
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name beside ``path``, flush it to disk, then rename it over ``path``.
-
-    A process killed at any moment leaves either the old file (or none) or the complete new one,
-    plus possibly a ``*.tmp-<pid>`` file that ``remove_stale_temporaries`` deletes.
-    """
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    write(tmp)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # some file systems do not allow fsync on directories
-        pass
-
-
-def write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
-    """Atomic JSON write; ``indent=None`` for big files (compact)."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent) + "\n"))
-
-
-def remove_stale_temporaries(root: Path) -> list[Path]:
-    """Delete ``*.tmp-<pid>`` files left by a killed run; returns what was removed."""
-    removed = []
-    for p in root.iterdir():
-        if TMP_MARK in p.name and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+    return sha256_text(json.dumps(settings, sort_keys=True, separators=(",", ":")))[:16]
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
@@ -267,7 +250,13 @@ def load_index(root: Path) -> dict[str, np.ndarray]:
     path = root / INDEX_FILE
     if not path.is_file():
         raise LatentFormatError(f"index {path} is missing; re-run `racedit-extract extract` to rebuild it")
-    index = load_file(str(path))
+    try:
+        index = load_file(str(path))
+    except Exception as err:  # SafetensorError and friends: the file is damaged
+        raise LatentFormatError(
+            f"index {path} is not a readable safetensors file ({err}); rerun the same `racedit-extract "
+            "extract` command to rebuild it"
+        ) from None
     for key in ("labels", "file_index", "shard_counts"):
         if key not in index:
             raise LatentFormatError(f"index {path} lacks '{key}'")

@@ -1,5 +1,8 @@
 """Reading an ImageFolder tree (``root/<class>/<image>``) and ADM's center crop.
 
+The one copy of both: latent extraction and the FID tools (``fid/data.py``) read images with the same
+extension list and crop them with the same function.
+
 Any dataset laid out like ImageNet's ``train/`` works: the class names are the sorted names of the
 sub-folders of the root, the label of an image is the index of its class folder (torchvision's
 ``ImageFolder`` convention, so ImageNet's synset folders give the standard 0..999 labels).
@@ -15,8 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-# Extensions torchvision's ImageFolder accepts (compared case-insensitively).
+# Extensions torchvision's ImageFolder accepts (compared case-insensitively: see is_image_file).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(name: str | Path) -> bool:
+    """Whether a file name has one of ``IMAGE_EXTENSIONS``, in any letter case (``.JPEG`` counts)."""
+    return str(name).lower().endswith(IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -48,7 +56,7 @@ def list_image_folder(root: str | Path) -> FileList:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fname in filenames:
                 rel = Path(dirpath, fname).relative_to(root).as_posix()
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                if is_image_file(fname):
                     found.append(rel)
                 elif not fname.startswith("."):
                     ignored.append(rel)

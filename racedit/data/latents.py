@@ -4,7 +4,7 @@ Each item is one fresh sample of the stored posterior, as the fast DiT training 
 
     flip  ~ Bernoulli(0.5)                      pick the stored latent of the image or of its mirror image
     z     = mean[flip] + std[flip] * noise      noise ~ N(0, I), shape (C, h, w)
-    x     = (z - shift_factor) * scaling_factor from meta.json (0.18215 and 0 for SD-VAE)
+    x     = (z - shift_factor) * scaling_factor from meta.json (0.18215 and 0 for SD-VAE; racedit.vae.to_latents)
 
 Randomness is a pure function of ``(seed, epoch, index)``: item ``i`` draws from
 ``numpy.random.default_rng((seed, epoch, i))``. Hence
@@ -35,6 +35,7 @@ from racedit.data.format import (
     load_meta,
     shard_name,
 )
+from racedit.vae import to_latents
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -146,7 +147,7 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.sample_posterior:
             noise = rng.standard_normal(z.shape, dtype=np.float32)
             z += std_map[j, f].astype(np.float32) * noise
-        x = (z - self.shift_factor) * self.scaling_factor
+        x = to_latents(z, self.scaling_factor, self.shift_factor)  # what the sampler's decoder inverts
         return torch.from_numpy(x), int(self.labels[index])
 
     def __repr__(self) -> str:

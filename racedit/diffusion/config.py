@@ -22,8 +22,8 @@ class DiffusionConfig:
     # --- Gaussian diffusion (DDPM; DiT's recipe) ---------------------------------------------
     num_timesteps: int = 1000  # T
     beta_schedule: Literal["linear", "cosine"] = "linear"  # linear = DiT; cosine = improved DDPM
-    beta_start: float = 1e-4  # linear schedule: beta_0
-    beta_end: float = 0.02  # linear schedule: beta_{T-1}
+    beta_start: float = 1e-4  # linear schedule: beta_0 at T = 1000 (scaled by 1000/T, as DiT)
+    beta_end: float = 0.02  # linear schedule: beta_{T-1} at T = 1000 (scaled by 1000/T)
     vb_weight: float = 1.0  # hybrid loss = mse + vb_weight * vb (DiT: 1 with T = 1000)
     fixed_variance: Literal["large", "small"] = "large"  # sampling variance when the model has no sigma
     # --- flow matching (SiT-style linear interpolant, velocity prediction) ---------------------

@@ -17,10 +17,21 @@ from racedit.diffusion.config import DiffusionConfig
 
 
 def make_betas(cfg: DiffusionConfig) -> Tensor:
-    """(T,) float64 betas: DiT's linear schedule, or improved DDPM's cosine schedule (max beta 0.999)."""
+    """(T,) float64 betas: DiT's linear schedule, or improved DDPM's cosine schedule (max beta 0.999).
+
+    Linear, as DiT (and improved DDPM) extend Ho et al.'s schedule to any T: ``beta_start`` and
+    ``beta_end`` are the values at T = 1000 and both scale by 1000 / T, so abar_T stays about the same
+    (the chain ends near pure noise) whatever the number of steps."""
     T = cfg.num_timesteps
     if cfg.beta_schedule == "linear":
-        return torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+        scale = 1000 / T
+        if scale * cfg.beta_end >= 1.0:
+            raise ValueError(
+                f"diffusion.num_timesteps={T} is too small for the linear schedule: beta_end "
+                f"{cfg.beta_end} x 1000/T = {scale * cfg.beta_end:g} must stay below 1 "
+                f"(use num_timesteps >= {math.floor(1000 * cfg.beta_end) + 1})"
+            )
+        return torch.linspace(scale * cfg.beta_start, scale * cfg.beta_end, T, dtype=torch.float64)
 
     def alpha_bar(s: float) -> float:  # improved DDPM eq. 17, s = 0.008
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2

@@ -1,21 +1,35 @@
-"""Models: the DiT backbone, its registry (the zoo) and checkpoint loading."""
+"""Models: the DiT backbone, its registry (the zoo) and checkpoint loading (names load lazily)."""
 
-from racedit.models.aux import ForwardAux
-from racedit.models.config import ModelConfig
-from racedit.models.dit import DiT
-from racedit.models.loading import CheckpointError, build_model, infer_config, load_model, save_model
-from racedit.models.registry import config_from_name, resolve_model_config, zoo_names
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "DiT",
-    "ForwardAux",
-    "ModelConfig",
-    "build_model",
-    "config_from_name",
-    "infer_config",
-    "load_model",
-    "resolve_model_config",
-    "save_model",
-    "zoo_names",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "CheckpointError": "racedit.models.loading",
+    "DiT": "racedit.models.dit",
+    "ForwardAux": "racedit.models.aux",
+    "ModelConfig": "racedit.models.config",
+    "build_model": "racedit.models.loading",
+    "config_from_name": "racedit.models.registry",
+    "export_diffusers": "racedit.models.diffusers_io",
+    "infer_config": "racedit.models.loading",
+    "load_model": "racedit.models.loading",
+    "resolve_model_config": "racedit.models.registry",
+    "save_model": "racedit.models.loading",
+    "zoo_names": "racedit.models.registry",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'racedit.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

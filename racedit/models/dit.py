@@ -59,20 +59,32 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+# Divisor shift of the frequency exponent: DiT divides by half, diffusers' Timesteps(downscale_freq_shift=1)
+# (used by its DiTTransformer2DModel) by half - 1.
+FREQ_SHIFT = {"official": 0, "diffusers": 1}
+
+
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps -> vectors: sinusoidal features (cos, sin) then a 2-layer SiLU MLP."""
 
-    def __init__(self, dim: int, frequency_embedding_size: int = 256):
+    def __init__(self, dim: int, frequency_embedding_size: int = 256, convention: str = "official"):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = FREQ_SHIFT[convention]
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-        """t (B,) possibly fractional -> (B, dim); the first half cos, the second half sin."""
+    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> Tensor:
+        """t (B,) possibly fractional -> (B, dim); the first half cos, the second half sin.
+
+        Frequencies ``exp(-ln(max_period) i / (half - freq_shift))``, i < half: 0 is DiT's, 1 diffusers'
+        (same operation order as diffusers' ``get_timestep_embedding``, so its features match bitwise).
+        """
         half = dim // 2
         freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+            -math.log(max_period)
+            * torch.arange(half, dtype=torch.float32, device=t.device)
+            / (half - freq_shift)
         )
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -81,7 +93,7 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: Tensor) -> Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -134,11 +146,18 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block. Each sublayer is ``T(h) = gate * F(modulate(LN(h), shift, scale))`` and its
     connection decides how T reads from and writes to the stream (plain residual: ``h + T(h)``)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn: FeedForward, connections: tuple[nn.Module, nn.Module]):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        ffn: FeedForward,
+        connections: tuple[nn.Module, nn.Module],
+        mlp_norm_eps: float = 1e-6,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = ffn
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim, bias=True))
         self.conn_attn, self.conn_mlp = connections
@@ -203,6 +222,8 @@ class DiT(ModelMixin, ConfigMixin):
         num_classes: int = 1000,
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = True,
+        timestep_convention: str = "official",
+        mlp_norm_eps: float = 1e-6,
         moe: dict[str, Any] | None = None,
         connection: dict[str, Any] | None = None,
     ):
@@ -218,6 +239,8 @@ class DiT(ModelMixin, ConfigMixin):
             num_classes=num_classes,
             class_dropout_prob=class_dropout_prob,
             learn_sigma=learn_sigma,
+            timestep_convention=timestep_convention,
+            mlp_norm_eps=mlp_norm_eps,
             moe=from_dict(MoEConfig, moe, "moe") if moe is not None else None,
             connection=from_dict(ConnectionConfig, connection or {}, "connection"),
         )
@@ -226,7 +249,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
 
         self.x_embedder = PatchEmbed(arch.patch_size, arch.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, convention=arch.timestep_convention)
         self.y_embedder = LabelEmbedder(arch.num_classes, D, arch.class_dropout_prob)
         # Fixed sin-cos embedding; a frozen parameter (not a buffer) so official checkpoints map 1:1.
         self.pos_embed = nn.Parameter(torch.zeros(1, arch.num_tokens, D), requires_grad=False)
@@ -237,6 +260,7 @@ class DiT(ModelMixin, ConfigMixin):
                 arch.num_heads,
                 self._build_ffn(arch, i),
                 (build_connection(arch.connection, D, i, 0), build_connection(arch.connection, D, i, 1)),
+                arch.mlp_norm_eps,
             )
             for i in range(arch.depth)
         )

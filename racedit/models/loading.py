@@ -4,7 +4,9 @@ Formats ``load_model`` reads:
 - a racedit model directory (``config.json`` + ``model.safetensors``, written by ``save_pretrained``);
 - a racedit training checkpoint directory (it holds an ``ema/`` or ``model/`` model directory);
 - an official facebookresearch/DiT ``.pt`` file (``DiT-XL-2-256x256.pt``, ``DiT-XL-2-512x512.pt``, or a
-  ``train.py`` checkpoint with ``model``/``ema`` entries), or a bare state dict in ``.safetensors``.
+  ``train.py`` checkpoint with ``model``/``ema`` entries), or a bare state dict in ``.safetensors``;
+- a diffusers ``DiTTransformer2DModel`` folder, or a ``DiTPipeline`` folder (its ``transformer/``): see
+  ``racedit.models.diffusers_io``; the model carries diffusers' timestep convention and gives its outputs.
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``).
 """
 
@@ -24,6 +26,7 @@ import torch
 from racedit.config.core import to_dict
 from racedit.models.config import ModelConfig
 from racedit.models.dit import DiT
+from racedit.models.errors import CheckpointError
 from racedit.models.registry import SIZES, resolve_model_config
 
 # Keys every DiT state dict (ours and the official one) has.
@@ -35,10 +38,6 @@ _REQUIRED_KEYS = (
 )
 # Modules the official layout does not have; they start at their identity init when absent.
 _OPTIONAL_PREFIXES = re.compile(r"(^stream\.|\.conn_attn\.|\.conn_mlp\.)")
-
-
-class CheckpointError(ValueError):
-    """A file is not a checkpoint we can load; the message says what was expected."""
 
 
 def model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -94,7 +93,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
             "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt and pass its path"
         )
     if path.is_dir():
-        model = _load_directory(path, overrides)
+        from racedit.models import diffusers_io
+
+        if diffusers_io.transformer_folder(path) is not None:
+            cfg, state = diffusers_io.read_diffusers(path, **overrides)
+            model = DiT(**model_kwargs(cfg))
+            load_state_dict_checked(model, state, source=str(path))
+        else:
+            model = _load_directory(path, overrides)
     else:
         state = read_state_dict(path)
         cfg = infer_config(state, **overrides)
@@ -104,9 +110,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
 
 
 def _load_directory(path: Path, overrides: dict[str, Any]) -> DiT:
+    from racedit.models import diffusers_io
+
+    if (path / "model_index.json").is_file():  # a diffusers pipeline, but not a DiTPipeline
+        raise diffusers_io.unsupported_config_error(path / "model_index.json")
     for sub in ("", "ema", "model"):
         candidate = path / sub if sub else path
         if (candidate / "config.json").is_file():
+            if (
+                diffusers_io.read_json(candidate / "config.json").get("_class_name", DiT.__name__)
+                != DiT.__name__
+            ):
+                raise diffusers_io.unsupported_config_error(candidate / "config.json")
             if overrides:
                 import json
 

@@ -1,7 +1,7 @@
 """Mixture-of-Experts feed-forward (Race-DiT): layer, auxiliary losses, learnable threshold, metrics."""
 
 from racedit.moe.config import MoEConfig
-from racedit.moe.layer import MoEFeedForward
+from racedit.moe.layer import MoEFeedForward, inference_batch_dependence
 from racedit.moe.losses import aux_losses
 from racedit.moe.metrics import RoutingStats, plot_allocation_heatmap
 from racedit.moe.threshold import Threshold, sync_thresholds
@@ -12,6 +12,7 @@ __all__ = [
     "RoutingStats",
     "Threshold",
     "aux_losses",
+    "inference_batch_dependence",
     "plot_allocation_heatmap",
     "sync_thresholds",
 ]

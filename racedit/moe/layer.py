@@ -105,14 +105,22 @@ class MoEFeedForward(FeedForward):
 
     # ---------------------------------------------------------------------------- forward
 
-    def route(self, scores: Tensor) -> tuple[dispatch.RoutePlan, bool]:
-        """Gated scores (B, L, E) -> (plan over T = B*L tokens, whether the threshold routed)."""
-        use_tau = (
-            not self.training
-            and self.strategy.uses_threshold
+    def eval_uses_threshold(self) -> bool:
+        """Whether eval-mode routing is ``score >= tau`` (expert race, eval_routing=threshold, tau set)."""
+        return (
+            self.strategy.uses_threshold
             and self.cfg.eval_routing == "threshold"
             and self.threshold.initialized
         )
+
+    def eval_batch_dependent(self) -> bool:
+        """Whether a sample's eval-mode output depends on the other samples of its batch: the strategy
+        ranks across B (bl, be, race) and no per-token threshold replaces the ranking."""
+        return self.strategy.ranks_across_batch and not self.eval_uses_threshold()
+
+    def route(self, scores: Tensor) -> tuple[dispatch.RoutePlan, bool]:
+        """Gated scores (B, L, E) -> (plan over T = B*L tokens, whether the threshold routed)."""
+        use_tau = not self.training and self.eval_uses_threshold()
         tau = self.threshold.tau if use_tau else None  # fp32; compared with the scores in fp32
         plan = self.strategy.plan(scores, self.cfg.k, self.cfg.ties, self.cfg.impl, tau=tau)
         return plan, use_tau
@@ -185,4 +193,24 @@ class MoEFeedForward(FeedForward):
         )
 
 
-__all__ = ["GATING", "MoEFeedForward", "Router"]
+def inference_batch_dependence(model: nn.Module) -> str | None:
+    """Why a sample's eval-mode output depends on the rest of its batch, or None when it does not.
+
+    Token, expert and LE choice rank within one sample; expert race routing ``score >= tau`` compares each
+    token with a constant. BL and BE choice, and expert race with ``eval_routing=topk`` (or before any
+    training step has set tau), rank across the batch: the selection of one sample changes with the other
+    samples (and, under classifier-free guidance with joint halves, with the unconditional half)."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.eval_batch_dependent()]
+    if not layers:
+        return None
+    cfg = layers[0].cfg
+    if cfg.router != "race":
+        why = f"router {cfg.router!r} ranks across the batch"
+    elif cfg.eval_routing == "topk":
+        why = "expert race with eval_routing=topk ranks across the batch"
+    else:
+        why = "expert race threshold was never set by a training step, so it ranks across the batch (top-K)"
+    return f"{why} in {len(layers)} MoE layer(s)"
+
+
+__all__ = ["GATING", "MoEFeedForward", "Router", "inference_batch_dependence"]

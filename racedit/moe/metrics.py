@@ -3,7 +3,7 @@
 - MaxVio = (max_e load_e - mean load) / mean load, per layer.
 - Combination usage: the co-activated expert pairs (i < j) over all tokens, sorted by count descending,
   normalised, cumulative; the percent of the E(E-1)/2 possible pairs needed to reach 95% of all
-  co-activations (higher = more diverse).
+  co-activations, the pair that crosses 95% included (higher = more diverse).
 - Experts per token per layer, and per layer and timestep bucket (10 equal buckets over
   [0, num_timesteps); the paper's Fig. 6), tau per layer.
 
@@ -34,7 +34,12 @@ def max_violation(counts: Tensor) -> float:
 def combination_usage(pair_counts: Tensor, coverage: float = 0.95) -> float:
     """pair_counts (E, E) co-selection counts (M^T M) -> percent of expert pairs covering ``coverage``.
 
-    Only the pairs i < j count. Returns 0 when nothing was co-selected (e.g. k = 1 token choice).
+    The fewest pairs whose co-activations make up at least ``coverage`` of all (the paper's "combination
+    usage"): sort the pairs i < j by count, descending, and take the smallest n with
+    sum(top n) >= coverage * total. The pair whose count carries the running share across 95% is counted:
+    without it the pairs cover less than 95%. Example: shares 60%, 34%, 6% of three pairs -> 3 pairs
+    (the first two cover only 94%); shares 60%, 35%, 5% -> 2 pairs (exactly 95% is covered).
+    Returns 0 when nothing was co-selected (e.g. k = 1 token choice).
     """
     E = pair_counts.shape[0]
     iu = torch.triu_indices(E, E, offset=1)
@@ -42,8 +47,10 @@ def combination_usage(pair_counts: Tensor, coverage: float = 0.95) -> float:
     total = pairs.sum()
     if E < 2 or total <= 0:
         return 0.0
-    cum = torch.cumsum(torch.sort(pairs, descending=True).values / total, 0)
-    needed = int(torch.searchsorted(cum, torch.tensor(coverage - 1e-12, dtype=cum.dtype)).item()) + 1
+    covered = torch.cumsum(torch.sort(pairs, descending=True).values, 0)  # (P,) counts of the top n pairs
+    # Counts are integers (exact in float64); the relative slack only absorbs rounding in coverage * total.
+    target = torch.tensor(coverage * float(total) * (1 - 1e-12), dtype=covered.dtype)
+    needed = int(torch.searchsorted(covered, target).item()) + 1  # first n with covered[n-1] >= target
     return 100.0 * min(needed, pairs.numel()) / pairs.numel()
 
 

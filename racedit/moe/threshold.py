@@ -18,10 +18,12 @@ When the EMA advances (decisions other parts must know):
   detached scores of all ranks are all-gathered (padded to the largest rank) and the exact K-th value of
   their union is taken, K = k * (global token count). The routing itself stays local to each rank.
 
-EMA-of-weights copies: a trainer that EMAs floating buffers would turn ``tau`` of the EMA model into a slow
-EMA of tau starting from 0. Call ``sync_thresholds(ema_model, model)`` after each EMA update (cheap: one
-copy per layer) so the EMA model routes with the live model's threshold; ``updates`` is an integer
-buffer and is copied by the same call.
+The EMA-of-weights model (``racedit.training.ema``) averages ``tau`` at its own decay, like its weights,
+so it routes with a threshold that matches its lagging router; an EMA model that has never seen a set
+threshold takes the live one at its first update (an average up from the placeholder 0 would route far
+too many experts). ``sync_thresholds`` copies threshold state between two models of the same
+architecture (e.g. to give a freshly built model a trained model's thresholds); the trainer does not
+call it.
 """
 
 from __future__ import annotations

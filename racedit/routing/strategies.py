@@ -53,6 +53,11 @@ class GroupedTopK:
     over: str  # dims selected over, e.g. "E" (token choice), "BLE" (expert race)
     uses_threshold: bool = False  # inference may replace the batch top-K by score >= tau
 
+    @property
+    def ranks_across_batch(self) -> bool:
+        """Whether a sample's selection depends on the other samples of its batch (B is ranked over)."""
+        return "B" in self.over
+
     def k_for(self, shape: tuple[int, int, int], k: int) -> int:
         """K of each group: k experts per token on average, so K = k * (#tokens in the group) / (#experts
         in the group), i.e. k * prod(size of over) / E."""

@@ -1,8 +1,11 @@
 """Drawing samples: prior noise -> sampler (with CFG) -> decode -> uint8 images.
 
 Sample i of a run (global index ``first_index + i``) draws its prior noise and every later noise from
-its own generator seeded by ``(seed, first_index + i)``, so the images do not depend on batch size
-or on how the indices are spread over processes.
+its own generator seeded by ``(seed, first_index + i)``, so the noise does not depend on batch size
+or on how the indices are spread over processes. The images do not either (up to float rounding)
+unless the model routes across the batch: BL / BE choice, or expert race with top-K at eval
+(``racedit.moe.inference_batch_dependence`` says which). Then a sample depends on the other samples of
+its batch, so on the batch size and the label order; the same call reproduces the same bytes.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ def _batches(
     cfg_scale: float,
     guidance_interval: tuple[float, float] | None,
     guidance_channels: Literal["all"] | int,
+    guidance_halves: Literal["joint", "separate"],
     seed: int,
     first_index: int,
     batch_size: int,
@@ -132,6 +136,7 @@ def _batches(
         scale=float(cfg_scale),
         interval=tuple(guidance_interval) if guidance_interval is not None else None,
         channels=guidance_channels,
+        halves=guidance_halves,
     )
     n = labels.numel()
     evals = num_evaluations(objective, sampler, steps, **(sampler_options or {}))
@@ -167,6 +172,7 @@ def sample_latents(
     cfg_scale: float = 1.0,
     guidance_interval: tuple[float, float] | None = None,
     guidance_channels: Literal["all"] | int = "all",
+    guidance_halves: Literal["joint", "separate"] = "joint",
     seed: int = 0,
     first_index: int = 0,
     batch_size: int = 32,
@@ -180,7 +186,7 @@ def sample_latents(
         x.cpu()
         for _, x in _batches(
             model, labels_t, objective, sampler, steps, cfg_scale, guidance_interval, guidance_channels,
-            seed, first_index, batch_size, progress, autocast_dtype, sampler_options,
+            guidance_halves, seed, first_index, batch_size, progress, autocast_dtype, sampler_options,
         )
     ]  # fmt: skip
     return torch.cat(outs) if outs else torch.empty(0, *sample_shape(model))
@@ -196,6 +202,7 @@ def generate(
     cfg_scale: float = 1.0,
     guidance_interval: tuple[float, float] | None = None,
     guidance_channels: Literal["all"] | int = "all",
+    guidance_halves: Literal["joint", "separate"] = "joint",
     seed: int = 0,
     first_index: int = 0,
     decode: Callable[[Tensor], Tensor] | None = None,
@@ -210,14 +217,15 @@ def generate(
     ``decode`` maps model-space samples (B, C, h, w) to images (B, 1 or 3, H, W) in [-1, 1] (a VAE
     decoder for latent models; ``None`` = identity for pixel-space models). ``cfg_scale`` 1 runs one
     forward per step; ``guidance_interval`` (lo, hi) limits guidance to noise levels in [lo, hi]
-    (0 = data, 1 = noise); ``guidance_channels`` "all" or 3 (DiT's behaviour). Sample i uses seed
+    (0 = data, 1 = noise); ``guidance_channels`` "all" or 3 (DiT's behaviour); ``guidance_halves``
+    "joint" (one forward of [cond; uncond], DiT's) or "separate" (see ``Guidance``). Sample i uses seed
     (seed, first_index + i). ``sampler_options``: e.g. ``{"spacing": "leading"}`` for the DDPM-family
     schedulers, ``{"shift": 3.0}`` for flow ODEs, ``{"diffusion_norm": 1.0}`` for the SDE."""
     labels_t = torch.as_tensor(labels)
     images = []
     for _, x in _batches(
         model, labels_t, objective, sampler, steps, cfg_scale, guidance_interval, guidance_channels,
-        seed, first_index, batch_size, progress, autocast_dtype, sampler_options,
+        guidance_halves, seed, first_index, batch_size, progress, autocast_dtype, sampler_options,
     ):  # fmt: skip
         with torch.no_grad():
             pix = decode(x) if decode is not None else x

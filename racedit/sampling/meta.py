@@ -1,8 +1,9 @@
 """``sampling.json``: what a sampler needs to know about an exported model beyond its architecture.
 
 Written next to the model's ``config.json`` at export (training), read by ``sample.py``. Fields:
-``space`` ("latent" or "pixel"); for latents the ``vae`` (Hugging Face hub id or local directory) and
-its ``scaling_factor``; ``diffusion`` (the ``DiffusionConfig`` as a dict); ``class_names`` (None =
+``space`` ("latent" or "pixel"); for latents the ``vae`` (a Hugging Face hub id, or a local folder stored as
+an absolute path so that sampling works from any directory; see ``racedit/vae.py``), its
+``scaling_factor`` and ``shift_factor`` (None: the VAE config's); ``diffusion`` (the ``DiffusionConfig`` as a dict); ``class_names`` (None =
 ImageNet's, from ``racedit/assets/imagenet_classes.txt``, when the model has 1000 classes);
 ``image_size`` in pixels. An official DiT ``.pt`` has no such file: ``official_dit_meta`` gives its
 values (DDPM with learned sigma, ``stabilityai/sd-vae-ft-ema``, 0.18215, ImageNet).
@@ -11,23 +12,25 @@ values (DDPM with learned sigma, ``stabilityai/sd-vae-ft-ema``, 0.18215, ImageNe
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from racedit.config.core import ConfigError, from_dict, to_dict
 from racedit.diffusion import DiffusionConfig
+from racedit.io import atomic_write_json
+from racedit.vae import DEFAULT_SCALING, DEFAULT_VAE, VAEError, resolve_vae
 
 FILENAME = "sampling.json"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_SCALING = 0.18215  # SD-VAE latents' scale (Rombach et al. 2022), as DiT uses
 
 
 @dataclass
 class SamplingMeta:
     space: Literal["latent", "pixel"] = "latent"
-    vae: str | None = DEFAULT_VAE  # hub id or local dir; None for pixel space
-    scaling_factor: float = DEFAULT_SCALING  # latents = vae.encode(x).sample() * scaling_factor
+    vae: str | None = DEFAULT_VAE  # hub id or absolute local folder; None for pixel space
+    scaling_factor: float = DEFAULT_SCALING  # latents = (vae posterior - shift_factor) * scaling_factor
+    shift_factor: float | None = None  # None: the VAE config's (0 for SD-VAE)
+    vae_subfolder: str | None = None  # subfolder of a hub repository holding the VAE (e.g. "vae")
     diffusion: dict[str, Any] = field(default_factory=dict)  # DiffusionConfig fields (defaults if empty)
     class_names: list[str] | None = None
     image_size: int | None = None  # pixels (latent side * 8 for SD-VAE)
@@ -67,11 +70,15 @@ def write_sampling_meta(model_dir: str | Path, meta: SamplingMeta | None = None,
         meta = SamplingMeta(**fields)
     elif fields:
         raise TypeError("pass either a SamplingMeta or fields, not both")
+    if meta.space == "latent" and meta.vae and Path(meta.vae).expanduser().exists():
+        try:  # a local folder is stored absolute: the file then works from any working directory
+            source = resolve_vae(meta.vae, meta.vae_subfolder)
+        except VAEError as err:
+            raise ValueError(f"sampling.json: {err}") from None
+        meta = replace(meta, vae=source.name, vae_subfolder=source.subfolder)
     path = Path(model_dir) / FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(to_dict(meta), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, to_dict(meta), indent=2)
     return path
 
 

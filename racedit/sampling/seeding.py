@@ -1,5 +1,6 @@
 """Per-sample random streams: sample i of a run draws all its noise from its own generator, seeded by
-(global seed, i). Results therefore do not depend on batch size, batch order or process count."""
+(global seed, i). The noise therefore does not depend on batch size, batch order or process count (the
+images do not either, unless the model's routing ranks across the batch: ``racedit.moe.inference_batch_dependence``)."""
 
 from __future__ import annotations
 

@@ -56,7 +56,6 @@ class TrainConfig:
     # --- EMA of the weights (fp32) -----------------------------------------------------------
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step)) (short runs)
-    ema_thresholds: Literal["ema", "live"] = "ema"  # routing threshold tau of the EMA model: EMA or copy
     # --- checkpoints and faults --------------------------------------------------------------
     checkpoint_every: int = 10_000  # steps between checkpoints (one is always written at the end)
     keep_last: int = 3  # checkpoints kept (older ones are deleted after a new one is complete)
@@ -89,6 +88,7 @@ class SampleConfig:
     sampler: str | None = None  # None = the objective's default sampler
     steps: int = 50
     cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    cfg_halves: Literal["joint", "separate"] = "joint"  # guided halves in one forward (DiT) or two
     batch_size: int = 64
     final_grid: bool = True  # a grid from the exported EMA model at the end
     report_per_class: int = 0  # >0: generate this many per class at the end for the demo-metrics report

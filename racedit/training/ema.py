@@ -1,12 +1,16 @@
 """Exponential moving average of a model's weights and floating buffers, kept in fp32.
 
-``ema <- decay * ema + (1 - decay) * live`` for every parameter and every floating-point buffer
-(the routing thresholds ``tau`` included, so the EMA model routes with a threshold that moves as
-slowly as its weights). Integer buffers (e.g. a threshold's update counter) are copied. A threshold
-the EMA model has never seen set (its ``updates`` counter is 0) takes the live value at once instead of
-averaging up from its placeholder 0, which would make an early EMA model route far too many experts.
-With ``thresholds="live"`` the EMA model takes the live model's thresholds instead
-(``racedit.moe.threshold.sync_thresholds``).
+``ema <- decay * ema + (1 - decay) * live`` for every parameter and every floating-point buffer.
+Integer buffers (e.g. a threshold's update counter) are copied.
+
+The routing thresholds ``tau`` are floating buffers, so the EMA model's tau is the EMA of the live tau at
+the same decay as its weights. This is the threshold that matches the EMA router: tau tracks the K-th
+router score, a function of the router weights, and the EMA weights are the live weights averaged over
+~1/(1 - decay) steps, so to first order their K-th score is the same average of the live tau. Copying
+the live tau instead would pair weights that lag by ~1/(1 - decay) steps (10^4 at 0.9999) with the
+threshold of the current weights. One exception: a threshold the EMA model has never seen set (its
+``updates`` counter is 0) takes the live value at once instead of averaging up from its placeholder 0,
+which would make an early EMA model route far too many experts.
 """
 
 from __future__ import annotations
@@ -20,11 +24,10 @@ from torch import nn
 class EMA:
     """Holds an fp32 copy of ``model`` (eval mode, no gradients) and updates it in place."""
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, thresholds: str = "ema"):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.decay = decay
         self.warmup = warmup
-        self.thresholds = thresholds
 
     def decay_at(self, step: int) -> float:
         """The decay used for the update after optimizer step ``step`` (0-based)."""
@@ -56,10 +59,6 @@ class EMA:
             else:
                 b.copy_(src)
         torch._foreach_lerp_(ema_f, live_f, 1.0 - decay)  # e + (1 - decay) * (p - e)
-        if self.thresholds == "live":
-            from racedit.moe.threshold import sync_thresholds
-
-            sync_thresholds(self.model, model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -219,7 +219,7 @@ class Trainer:
         model = DiT(**model_kwargs(self.model_cfg)).to(self.device)
         if tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup, thresholds=tc.ema_thresholds)
+        self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
         fused = tc.fused if tc.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(
             model.optimizer_param_groups(tc.weight_decay),
@@ -460,6 +460,7 @@ class Trainer:
                 sampler=sc.sampler or self.objective.samplers[0],
                 steps=sc.steps,
                 cfg_scale=sc.cfg_scale,
+                guidance_halves=sc.cfg_halves,
                 seed=seed,
                 decode=self.decoder(),
                 batch_size=sc.batch_size,

@@ -18,12 +18,12 @@ N = len(CLASSES) * PER_CLASS
 SF = 0.18215
 
 
-def test_interface_and_items(extracted):
+def test_interface_and_items(extracted, tiny_vae):
     ds = build_dataset(from_dict(DataConfig, {"kind": "latents", "root": str(extracted)}))
     assert isinstance(ds, LatentDataset)
     assert len(ds) == N and ds.num_classes == 3 and ds.class_names == list(CLASSES)
     assert ds.sample_shape == (4, RESOLUTION // 8, RESOLUTION // 8) and ds.space == "latent"
-    assert ds.meta["scaling_factor"] == pytest.approx(SF) and ds.meta["vae"].endswith("vae0")
+    assert ds.meta["scaling_factor"] == pytest.approx(SF) and ds.meta["vae"] == str(tiny_vae.resolve())
     x, y = ds[5]
     assert x.dtype == torch.float32 and x.shape == ds.sample_shape and isinstance(y, int)
     files = read_json(extracted / "files.json", "files")["files"]

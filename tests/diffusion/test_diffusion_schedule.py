@@ -130,6 +130,19 @@ def test_schedule_rejects_bad_betas():
         GaussianSchedule.from_betas(torch.tensor([0.1, 1.5]))
     with pytest.raises(ValueError, match="beta_start"):
         DiffusionConfig(beta_start=0.1, beta_end=0.01)
-    assert np.isclose(
-        make_betas(DiffusionConfig(num_timesteps=10)).sum().item(), np.linspace(1e-4, 0.02, 10).sum()
-    )
+    # 0.02 x 1000/10 = 2 is not a beta: the error names the key and the smallest valid T
+    with pytest.raises(ValueError, match=r"num_timesteps=10 .*num_timesteps >= 21"):
+        make_betas(DiffusionConfig(num_timesteps=10))
+
+
+@pytest.mark.parametrize("T", [50, 100, 250, 1000, 4000])
+def test_linear_betas_scale_by_1000_over_T_as_dit(T):
+    """DiT's get_named_beta_schedule("linear", T): scale = 1000 / T; linspace(scale*1e-4, scale*0.02, T)."""
+    scale = 1000 / T
+    want = np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
+    got = make_betas(DiffusionConfig(num_timesteps=T)).numpy()
+    # both float64 linspace of the same end points; torch and numpy may round the last ulp differently
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    # the point of the scaling: the chain still ends near pure noise, log abar_T ~ -T*mean(beta) = -10.05
+    acp_end = GaussianSchedule.from_betas(torch.from_numpy(got)).alphas_cumprod[-1].item()
+    assert 1e-6 < acp_end < 2e-4

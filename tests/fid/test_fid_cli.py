@@ -39,7 +39,7 @@ def test_leaderboard_command_and_module_entry(tmp_path):
         [sys.executable, "-m", "fid", "leaderboard", "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "leaderboard.md").read_text()

@@ -48,7 +48,7 @@ def test_two_processes_gather_in_order(tmp_path):
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        _, err = proc.communicate(timeout=240)
+        _, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers: nothing left running
         proc.communicate()

@@ -28,6 +28,29 @@ def _random_stats(rng, d, n):
     return x.mean(0), np.cov(x, rowvar=False)
 
 
+def _trace_term_tolerance(s1, s2):
+    """What float64 can promise for FID's trace term, from the method (not from a seen value).
+
+    Forming M = S1^(1/2) S2 S1^(1/2) and diagonalising it (backward-stable eigh) perturbs each eigenvalue
+    by up to ~d * eps * ||S1|| ||S2||; sqrt turns a perturbation delta of a near-zero eigenvalue into up to
+    sqrt(delta), so the sum of d square roots can move by d * sqrt(d * eps * ||S1|| ||S2||), doubled by
+    the -2 tr factor. Different BLAS kernels, argument orders or sqrtm instead of eigh may differ by that
+    much on (near-)singular covariances; a wrong formula differs by O(||S||).
+    """
+    d = s1.shape[0]
+    eps = np.finfo(np.float64).eps
+    return 2 * d * np.sqrt(d * eps * np.linalg.norm(s1, 2) * np.linalg.norm(s2, 2))
+
+
+def _fid_wrong_trace(mu1, s1, mu2, s2):
+    """A deliberately wrong FID (trace term of S1 S1 instead of S1 S2), to show the checks can fail."""
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eig = np.linalg.eigvalsh(root @ s1 @ root)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
 def _fid_sqrtm(mu1, s1, mu2, s2):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,8 +69,10 @@ def test_frechet_distance_matches_pytorch_fid_and_sqrtm(n):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = calculate_frechet_distance(mu1, s1, mu2, s2)
-    assert ours == pytest.approx(theirs, rel=1e-6)
-    assert ours == pytest.approx(_fid_sqrtm(mu1, s1, mu2, s2), rel=1e-6)
+    tol = _trace_term_tolerance(s1, s2)
+    assert ours == pytest.approx(theirs, abs=tol)
+    assert ours == pytest.approx(_fid_sqrtm(mu1, s1, mu2, s2), abs=tol)
+    assert abs(_fid_wrong_trace(mu1, s1, mu2, s2) - ours) > 100 * tol  # the check can fail
 
 
 def test_frechet_distance_near_singular_and_properties():
@@ -57,9 +82,12 @@ def test_frechet_distance_near_singular_and_properties():
     mu2, s2 = _random_stats(rng, d, 12)
     s = s + 1e-9 * np.eye(d)
     ref = _fid_sqrtm(mu, s, mu2, s2)
-    assert frechet_distance(mu, s, mu2, s2) == pytest.approx(ref, rel=1e-6)
-    assert frechet_distance(mu2, s2, mu, s) == pytest.approx(frechet_distance(mu, s, mu2, s2), rel=1e-9)
-    assert abs(frechet_distance(mu, s, mu, s)) < 1e-6 * np.trace(s)
+    tol = _trace_term_tolerance(s, s2)  # condition number ~1e9: float64 promises no more than this
+    assert frechet_distance(mu, s, mu2, s2) == pytest.approx(ref, abs=tol)
+    # symmetric in its arguments up to round-off; a wrong trace term (or one argument used twice) is not
+    assert frechet_distance(mu2, s2, mu, s) == pytest.approx(frechet_distance(mu, s, mu2, s2), abs=tol)
+    assert abs(_fid_wrong_trace(mu2, s2, mu, s) - _fid_wrong_trace(mu, s, mu2, s2)) > 100 * tol
+    assert abs(frechet_distance(mu, s, mu, s)) <= _trace_term_tolerance(s, s)
     # pure mean shift, equal covariances: FID = ||dmu||^2
     assert frechet_distance(mu, s2, mu + 2.0, s2) == pytest.approx(4.0 * d, rel=1e-6)
     with pytest.raises(ValueError, match="do not match"):
@@ -70,6 +98,8 @@ def test_feature_statistics_equal_numpy_cov_in_float64():
     x = np.random.default_rng(2).standard_normal((37, 5)).astype(np.float32) + 3.0
     st = feature_statistics(x, chunk=8)
     assert st.mu.dtype == np.float64 and st.sigma.dtype == np.float64
+    # float64 sums of 37 rows in another order: relative error ~ n * eps = 8e-15 (mean), times
+    # mean^2 / var ~ 10 for the covariance's cancellation; 1e-12 / 1e-10 leave a 100x margin
     np.testing.assert_allclose(st.mu, x.astype(np.float64).mean(0), rtol=1e-12)
     np.testing.assert_allclose(st.sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
 
@@ -83,6 +113,8 @@ def test_inception_score_equals_direct_formula():
         part = np.exp(logits[i : i + 5]) / np.exp(logits[i : i + 5]).sum(1, keepdims=True)
         py = part.mean(0)
         scores.append(np.exp(np.mean([np.sum(p * np.log(p / py)) for p in part])))
+    # float64, log-softmax vs exp/normalise over 11 classes: ~C * eps * e^|logit| ~ 1e-13 relative; the std
+    # of 5 close scores loses mean/std ~ 100x of that to cancellation
     assert mean == pytest.approx(np.mean(scores), rel=1e-10)
     assert std == pytest.approx(np.std(scores), rel=1e-8)
     # shuffling rows changes the split contents, hence the score: splits are contiguous
@@ -153,6 +185,8 @@ def test_kid_equals_formula_and_torch_fidelity():
     xx = sum(k(smp[i], smp[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(ref[i], ref[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(smp[i], ref[j]) for i in range(m) for j in range(m)) / (m * m)
+    # float64 sums of 900 kernel values ~O(10) in another order (~1e-13), KID ~0.1: cancellation costs
+    # 100x; rel 1e-10 keeps a 10x margin, and a wrong estimator (biased diagonal) is off by ~1%
     assert kid == pytest.approx(xx + yy - 2 * xy, rel=1e-10) and std == 0.0
     # with subsets: the same estimator as torch-fidelity's, given the same seed
     from torch_fidelity.metric_kid import kid_features_to_metric

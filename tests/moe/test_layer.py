@@ -142,7 +142,8 @@ def test_accounting_flops_inactive_training_only():
     expert_params = E * (2 * D * H + H + D)
     assert layer.inactive_params() == expert_params * (E - k) // E
     assert layer.training_only_params() == D * 16 + 16
-    assert MoEFeedForward(64, 256, MoEConfig(num_experts=8, k=2), 0, 16).training_only_params() == 0
+    no_plr = MoEConfig(num_experts=8, k=2, plr_weight=0.0)  # PLR switched off: no target head is built
+    assert MoEFeedForward(64, 256, no_plr, 0, 16).training_only_params() == 0
     assert layer.no_weight_decay() == {"b1", "b2"}
 
 

@@ -69,6 +69,12 @@ def test_aux_losses_weights_and_sums_over_layers():
     assert math.isclose(out["plr"].item(), 0.5 * 2 * 1.0, rel_tol=1e-6)
     assert math.isclose(out["rsl"].item(), 0.1 * 2 * 0.890625, rel_tol=1e-6)
     assert math.isclose(out["balance"].item(), 2.0 * 2 * 0.9375, rel_tol=1e-6)
-    assert aux_losses(aux, target, MoEConfig(num_experts=3, k=1)) == {}  # zero weights are skipped
+    off = MoEConfig(num_experts=3, k=1, plr_weight=0.0, rsl_weight=0.0, balance_weight=0.0)
+    assert aux_losses(aux, target, off) == {}  # zero weights are skipped
+    # the defaults are the paper's weights (PLR 1e-2, RSL 1e-4), no balance loss
+    default = aux_losses(aux, target, MoEConfig(num_experts=3, k=1))
+    assert set(default) == {"plr", "rsl"}
+    assert math.isclose(default["plr"].item(), 1e-2 * 2 * 1.0, rel_tol=1e-6)
+    assert math.isclose(default["rsl"].item(), 1e-4 * 2 * 0.890625, rel_tol=1e-6)
     with pytest.raises(ValueError, match="target_tokens"):
         aux_losses(aux, None, cfg)

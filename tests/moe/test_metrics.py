@@ -33,6 +33,25 @@ def test_combination_usage():
     assert combination_usage(torch.diag(torch.ones(E))) == 0.0
 
 
+def test_combination_usage_counts_the_pair_that_crosses_95_percent():
+    """By hand, E = 3 (3 pairs): the fewest pairs whose co-activations reach 95% of the total."""
+
+    def sym(c01, c02, c12):
+        m = torch.zeros(3, 3)
+        m[0, 1], m[0, 2], m[1, 2] = c01, c02, c12
+        return m + m.T + torch.diag(torch.tensor([7.0, 8.0, 9.0]))  # the diagonal (i == i) never counts
+
+    # shares 60%, 34%, 6%: two pairs cover 94% < 95%, so the third (crossing) pair is needed -> 3 of 3
+    assert combination_usage(sym(60, 34, 6)) == 100.0
+    # shares 60%, 35%, 5%: two pairs cover exactly 95% -> 2 of 3 (the boundary counts as covered)
+    assert math.isclose(combination_usage(sym(60, 35, 5)), 200 / 3)
+    # the same shares at another scale (0.95 * total is not an integer in float64 for every total)
+    assert math.isclose(combination_usage(sym(60 * 37, 35 * 37, 5 * 37)), 200 / 3)
+    # order of the pairs in the matrix does not matter, only their counts
+    assert math.isclose(combination_usage(sym(5, 60, 35)), 200 / 3)
+    assert math.isclose(combination_usage(sym(96, 3, 1)), 100 / 3)  # one pair alone covers 96%
+
+
 def test_timestep_buckets():
     t = torch.tensor([0, 99, 100, 999, 1000.0, 550.5])
     assert timestep_buckets(t).tolist() == [0, 0, 1, 9, 9, 5]

@@ -87,7 +87,7 @@ def test_kill_then_resume_keeps_finished_chunks(tmp_path, pixel_model_dir, capsy
     args += ["--chunk-size", "1", "--keep-chunks", "--no-progress"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args], env=ENV, cwd=tmp_path)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # a bound on waiting, not a timing check
         while time.time() < deadline and not list(parts.glob("chunk_*.npz")):
             assert proc.poll() is None, "sample.py ended before writing a chunk"
             time.sleep(0.01)
@@ -121,7 +121,7 @@ def test_one_and_two_processes_give_the_same_file(tmp_path, pixel_model_dir):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     res = subprocess.run(
         [*cmd, str(ROOT / "sample.py"), *common, "--npz", str(two)],
-        env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "terminate called" not in res.stderr  # both ranks left the process group cleanly

@@ -98,7 +98,7 @@ def test_vae_from_local_dir_decodes(tiny_vae_dir):
 def test_vae_missing_offline_says_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(VAEError, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):
+    with pytest.raises(VAEError, match="hf download stabilityai/sd-vae-ft-ema"):
         load_vae("stabilityai/sd-vae-ft-ema")
     with pytest.raises(VAEError, match="does not exist"):
         load_vae(str(tmp_path / "no-vae-here"))

@@ -17,6 +17,7 @@ RUN_CONFIGS = [
     CONFIGS / "demo.yaml",
     *sorted((CONFIGS / "recipes").glob("*.yaml")),
     *sorted((CONFIGS / "ablation").glob("*.yaml")),
+    *sorted((CONFIGS / "sweeps").rglob("*.yaml")),
 ]
 
 
@@ -60,6 +61,46 @@ def test_ablation_covers_every_router_gating_and_component() -> None:
     assert balance["balance_loss"].moe.balance_weight > 0 and balance["balance_rsl"].moe.rsl_weight > 0
     assert balance["balance_none"].moe.balance_weight == 0 == balance["balance_none"].moe.rsl_weight
     assert resolved(CONFIGS / "ablation" / "dense_b2.yaml")[1].moe is None
+
+
+def test_zoo_names_mean_the_papers_full_method() -> None:
+    """A RaceDiT-* name alone trains the paper's 8.03-FID row: race + identity, PLR 1e-2, RSL 1e-4, threshold."""
+    from racedit.models import zoo_names
+
+    names = [n for n in zoo_names() if n.startswith("RaceDiT")]
+    assert names
+    for name in names:
+        moe = resolve_model_config(name).moe
+        assert (moe.router, moe.gating, moe.eval_routing) == ("race", "identity", "threshold"), name
+        assert (moe.plr_weight, moe.rsl_weight, moe.balance_weight) == (1e-2, 1e-4, 0.0), name
+    # an ablation switches a term off by naming it
+    assert resolve_model_config("RaceDiT-B/2-2in8", moe={"plr_weight": 0.0}).moe.plr_weight == 0.0
+
+
+def test_hidden_split_sweep_grid() -> None:
+    """g in {1, 2, 4, 8} for k in {1, 2, 4, 8} (E = 4k), the full method; activated expert FLOPs = k/g x dense."""
+    import torch
+
+    from racedit.models import build_model
+
+    seen = set()
+    for path in sorted((CONFIGS / "sweeps" / "hidden_split").glob("*.yaml")):
+        cfg, m = resolved(path)
+        k, g = m.moe.k, m.moe.split
+        seen.add((k, g))
+        assert (
+            path.stem == f"k{k}_g{g}"
+            and m.moe.num_experts == 4 * k
+            and cfg.train.output_dir.endswith(path.stem)
+        )
+        assert (m.moe.eval_routing, m.moe.plr_weight, m.moe.rsl_weight) == ("threshold", 1e-2, 1e-4)
+        assert (m.hidden_size, m.depth, cfg.train.global_batch_size) == (768, 12, 256)  # the ablation recipe
+        with torch.device("meta"):
+            layer = build_model(None, config=m).blocks[0].mlp
+        D, T = m.hidden_size, 10
+        router = T * (D * D + D * layer.num_experts)
+        assert (layer.flops(T) - router) * g == T * 2 * D * 4 * D * k  # experts: k/g of the dense MLP
+    assert seen == {(k, g) for k in (1, 2, 4, 8) for g in (1, 2, 4, 8)}
 
 
 def test_paper_recipes() -> None:

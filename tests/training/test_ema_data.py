@@ -33,7 +33,7 @@ def test_ema_tracks_parameters_float_buffers_and_copies_integer_buffers() -> Non
     assert all(p.dtype == torch.float32 for p in ema.model.parameters())
 
 
-def test_ema_warmup_and_live_thresholds() -> None:
+def test_ema_warmup() -> None:
     ema = EMA(Tiny(), decay=0.999, warmup=True)
     assert ema.decay_at(0) == 0.1 and ema.decay_at(10**6) == 0.999
 
@@ -86,3 +86,34 @@ def test_ema_takes_a_threshold_at_its_first_update_then_averages_it() -> None:
     ema.update(model, step=1)
     expected = first + (1 - 0.9999) * (float(layer.tau) - first)
     assert float(layer.tau) != first and abs(float(ema_layer.tau) - expected) < 1e-7
+
+
+def test_ema_model_tau_is_the_ema_of_the_live_tau_at_the_weights_decay() -> None:
+    """One rule (racedit/training/ema.py): the EMA model's tau = first live tau, then the same lerp as its
+    weights at decay_at(step), warmup included; never a copy of the live tau once set."""
+    import racedit
+
+    torch.manual_seed(0)
+    model = racedit.build_model(
+        "RaceDiT-S/2-2in8", input_size=4, num_classes=3, hidden_size=16, depth=2, num_heads=2, in_channels=1
+    )
+    ema = EMA(model, decay=0.99, warmup=True)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    want: dict[str, float] = {}
+    for step in range(6):
+        x = torch.randn(4, 1, 4, 4, generator=g) * (1 + step)  # scores grow: the live tau moves every step
+        model(x, torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 0]))
+        ema.update(model, step)
+        d = ema.decay_at(step)
+        for name, b in model.named_buffers():
+            if name.endswith("threshold.tau"):
+                live = float(b)
+                want[name] = live if name not in want else d * want[name] + (1 - d) * live
+    got = dict(ema.model.named_buffers())
+    live = dict(model.named_buffers())
+    for name, value in want.items():
+        # float32 lerp in the EMA vs float64 recursion here: a few float32 ulps of tau over 6 steps
+        assert abs(float(got[name]) - value) < 1e-6 * max(1.0, abs(value)), name
+        assert abs(float(got[name]) - float(live[name])) > 1e-4  # not the live threshold
+        assert int(got[name.removesuffix("tau") + "updates"]) == 6  # the counter is copied

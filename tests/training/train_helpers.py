@@ -53,7 +53,7 @@ def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-def run_python(args: list[str], timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess:
+def run_python(args: list[str], timeout: float = 600, **kw: Any) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     return subprocess.run(
         [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw
