@@ -350,8 +350,12 @@ class DryRun:
 
         self.section("model")
         mc = self.model_cfg
-        with torch.device("meta"):
-            meta_model = DiT(**model_kwargs(mc))
+        try:
+            with torch.device("meta"):
+                meta_model = DiT(**model_kwargs(mc))
+        except (ConfigError, ValueError, TypeError) as err:
+            self.problem(f"the model cannot be built: {type(err).__name__}: {err}")
+            return None
         counts = meta_model.param_counts()
         total = counts["params_total"]
         trainable = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
