@@ -46,7 +46,8 @@ STEPS = 24  # training steps
 SAMPLER_STEPS = 4
 FEATURES = f"{REPO / 'tests' / 'rehearsal_features.py'}:build"
 
-pytestmark = pytest.mark.timeout(900)
+# Over a minute: about 2 CPU-minutes in all (13 subprocesses, each importing torch), so marked slow; CI runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def env() -> dict[str, str]:
