@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,12 @@ def load_feature_network(spec: str) -> Any:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise InputError(f"--features {spec!r}: {module_name} has no callable {attr!r}")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise InputError(f"--features {spec!r}: {attr} needs an argument; it must take none") from None
+    except ValueError:  # no signature to inspect (a builtin): call it and see
+        pass
     network = factory()
     missing = [name for name in REQUIRED if not hasattr(network, name)]
     if missing:
