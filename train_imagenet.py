@@ -4,9 +4,7 @@ Also ``accelerate launch train_imagenet.py ...`` and ``torchrun --nproc_per_node
 Thin on purpose: the loop lives in ``racedit/training``; ``--help`` lists every flag.
 """
 
-from racedit.cli.train import main
+from racedit.cli.train import cli
 
 if __name__ == "__main__":
-    from racedit.distributed import exit_command
-
-    exit_command(main())
+    cli()

@@ -68,7 +68,7 @@ def forward_table(models, objective, n: int, seed: int) -> list[str]:
         for name, model in list(models.items())[1:]:
             d = (model(x, tt, y) - ref).abs()
             rows.append(
-                f"| {name} | {t} | {d.max():.3g} | {d.mean():.3g} | {float(d.mean() / ref.abs().mean()):.2%} |"
+                f"| {name} | {t} | {d.max():.3g} | {d.mean():.3g} | {100 * float(d.mean() / ref.abs().mean()):.3g}% |"
             )
     return rows
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from racedit.cli.common import UserError
+from racedit.errors import UserError
 from racedit.io import atomic_write, sha256_file
 
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14-336"

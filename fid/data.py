@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from racedit.cli.common import UserError
 from racedit.data.imagefolder import IMAGE_EXTENSIONS, adm_center_crop, is_image_file
+from racedit.errors import UserError
 
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
 

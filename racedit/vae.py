@@ -27,6 +27,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from racedit.cli.common import UserError
+from racedit.errors import UserError
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's VAE
 DEFAULT_SCALING = 0.18215  # SD-VAE latents' scale (Rombach et al. 2022), as DiT uses
@@ -156,6 +157,12 @@ def missing_message(source: VAESource, why: str) -> str:
 
 
 def _from_pretrained(source: VAESource, dtype: torch.dtype) -> Any:
+    with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated: noise only
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        return _load(source, dtype)
+
+
+def _load(source: VAESource, dtype: torch.dtype) -> Any:
     from diffusers import AutoencoderKL
 
     if not source.is_hub:

@@ -14,13 +14,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from racedit.errors import UserError
+
+__all__ = ["UserError", "add_debug_flag", "entry", "progress", "run"]
+
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USAGE = 2  # argparse's code for usage errors; ours for every user error
-
-
-class UserError(Exception):
-    """A problem the user can fix. The message names the file or key and says what to do."""
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

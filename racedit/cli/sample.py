@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "DiTTransformer2DModel / DiTPipeline folder (a pipeline's vae/ is the VAE)",
     )
     g.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load an exported model even when its files no longer match the hashes in its manifest.json "
+        "(for weights edited on purpose; by default a mismatch is an error naming the file)",
+    )
+    g.add_argument(
         "--objective",
         choices=["ddpm", "flow"],
         default=None,
@@ -315,7 +321,7 @@ def _main(argv: list[str] | None = None) -> int:
 cli = entry(_main, PROG)  # the console script racedit-sample
 
 
-def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
+def load_checkpoint(ckpt: str, device: torch.device, verify: bool = True) -> torch.nn.Module:
     """``load_model`` with every failure of the files (missing, corrupt, malformed) as one UserError."""
     from safetensors import SafetensorError
 
@@ -342,20 +348,22 @@ def load_checkpoint(ckpt: str, device: torch.device) -> torch.nn.Module:
                     f"{config} is not a valid model config ({err}); re-export the model with "
                     "racedit.save_model or restore config.json from the run's checkpoint"
                 ) from None
-            if not (model_dir / "model.safetensors").is_file():
+            weights = ("model.safetensors", "diffusion_pytorch_model.safetensors")  # racedit, diffusers
+            if not any((model_dir / name).is_file() for name in weights):
                 raise UserError(
                     f"{model_dir} has a config.json but no model.safetensors (the weights); the export is "
                     "incomplete: re-export it, or pass a training checkpoint directory (it holds ema/)"
                 )
     try:
-        return load_model(ckpt, device=device)
+        return load_model(ckpt, device=device, verify=verify)
     except UserError:
         raise
     except (CheckpointError, SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(
-            f"cannot load the model from {ckpt} ({type(err).__name__}: {first}); the file is corrupt or not a "
-            "racedit/DiT checkpoint: re-export it or use another checkpoint (--debug shows the traceback)"
+            f"cannot load the model from {weights_file(path) or path} ({type(err).__name__}: {first}); the file "
+            "is corrupt or not a racedit/DiT checkpoint: re-export it or use another checkpoint "
+            "(--debug shows the traceback)"
         ) from err
 
 
@@ -374,7 +382,7 @@ def _sample(argv: list[str] | None) -> int:
     if grid_mode and not is_main:
         return 0  # a grid is drawn by one process
 
-    model = load_checkpoint(args.ckpt, device)
+    model = load_checkpoint(args.ckpt, device, verify=not args.no_verify)
     meta = resolve_meta(args, model)
     dcfg: DiffusionConfig = meta.diffusion_config()
     objective = build_objective(dcfg, model.arch.learn_sigma)

@@ -9,23 +9,31 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from racedit.config.core import ConfigError
+from racedit.cli.common import UserError, add_debug_flag, entry, run
+
+PROG = "racedit-train"
 
 EPILOG = """overrides: any config key as section.key=value (YAML values), e.g.
   train.lr=1e-3 train.max_steps=2000 model.moe.router=token sample.every=0 log.trackers=[]
 Sections: model (registry name + ModelConfig keys), diffusion, data, train, sample, log;
 see racedit/training/config.py and configs/ for every key. An unknown key is an error naming it.
 
+resuming (--resume auto or DIR) accepts changes to train.lr, the schedule, max_steps, time limits, EMA,
+optimizer hyperparameters, checkpoint/log/sample settings, data.root and data.num_workers (each is
+applied and logged as "changed on resume: KEY OLD -> NEW"); it refuses changes to the model, diffusion,
+the rest of data, train.seed, train.global_batch_size and train.grad_accum, naming the key.
+
 outputs under train.output_dir: checkpoints/step_XXXXXXXX/ (resume with --resume auto),
-final/ (EMA model + sampling.json for sample.py), samples/*.png, logs/ (metrics.jsonl, loss.png,
-TensorBoard), routing/ (MoE heatmaps), report/ (demo metrics)."""
+final/ (EMA model + sampling.json + manifest.json for sample.py), samples/*.png, logs/ (metrics.jsonl,
+loss.png, TensorBoard), routing/ (MoE heatmaps), report/ (demo metrics). A fresh start in a folder
+that holds checkpoints is refused; --overwrite moves the old checkpoints and final/ aside into
+old-<time>/ (nothing is deleted)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="racedit-train",
+        prog=PROG,
         description="Train a class-conditional (Race-)DiT with Accelerate: one process, DDP, or FSDP "
         "(launch with `accelerate launch` or `torchrun`). Resumable bit for bit on CPU.",
         epilog=EPILOG,
@@ -36,8 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         default=None,
         metavar="auto|DIR|none",
-        help="auto: continue from the newest valid checkpoint under train.output_dir (skipping corrupt ones, "
-        "with a message; fresh start when there is none); DIR: that checkpoint; none (default): start fresh",
+        help="auto: continue from the newest checkpoint under train.output_dir that loads (corrupt ones are "
+        "renamed corrupt-step_* and skipped, with a message; fresh start when there is none); DIR: that "
+        "checkpoint; none (default): start fresh",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh (or branch from --resume DIR) even though train.output_dir holds checkpoints of "
+        "another run: they are moved to train.output_dir/old-<time>/, never deleted",
     )
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved run config as YAML and exit"
@@ -46,28 +61,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="check this launch on this machine in minutes (config, data, model, 2 steps, checkpoint, grid, "
-        "memory per GPU) and list what a real run would fail on; exit 0 only when nothing is (racedit/training/dryrun.py)",
+        "memory per GPU) and list what a real run would fail on; exit 0 only when nothing is",
     )
     p.add_argument(
         "--world-size", type=int, default=None, help="with --dry-run: processes of the real launch"
     )
+    add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-3")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: user errors are one stderr line and exit code 2 (``--debug``: the traceback)."""
+    return run(_main, PROG, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Parse, validate the config (before anything is loaded), train; user errors raise."""
     args = build_parser().parse_args(argv)
     from racedit.training.config import load_run_config
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"racedit-train: config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config, args.overrides)
     if args.dry_run:
         from racedit.training.dryrun import dry_run
 
-        return dry_run(cfg, resume=args.resume, world_size=args.world_size, config_path=args.config)
+        return dry_run(
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            world_size=args.world_size,
+            config_path=args.config,
+        )
     if args.print_config:
         import yaml
 
@@ -80,18 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with process_group_scope():
-            result = train(cfg, resume=args.resume)
-    except (ConfigError, ResumeError, NonFiniteLossError, PermissionError, FileNotFoundError) as err:
-        print(f"racedit-train: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    except ValueError as err:  # e.g. a dataset that is missing or malformed (LatentFormatError)
-        print(f"racedit-train: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+            result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (ResumeError, NonFiniteLossError) as err:  # (a dataset error is a UserError already)
+        raise UserError(str(err)) from err
     print(f"racedit-train: done at step {result.step}; EMA model in {result.export_dir}")
     return 0
 
 
-if __name__ == "__main__":
-    from racedit.distributed import exit_command
+cli = entry(_main, PROG)  # the console script racedit-train, and train_imagenet.py
 
-    exit_command(main())
+if __name__ == "__main__":
+    cli()

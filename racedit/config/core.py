@@ -9,6 +9,7 @@ from the command line as ``section.key=value`` (the value is parsed as YAML: ``3
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -20,6 +21,36 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and the fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent-only floats (``1e-4``, ``3E5``) as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str, source: str = "<string>", positions: bool = True) -> Any:
+    """Parse YAML ``text`` (safe constructors only); a syntax error is a ConfigError naming
+    ``source:line:column`` and the parser's reason."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None and positions else source
+        reason = err.problem or err.context or "syntax error"
+        ctx = err.context_mark
+        if err.context and err.problem and ctx is not None and positions:
+            reason += f" ({err.context} that starts at line {ctx.line + 1}, column {ctx.column + 1})"
+        elif err.context and err.problem:
+            reason += f" ({err.context})"
+        raise ConfigError(f"{where}: invalid YAML: {reason}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -112,6 +143,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as err:  # missing required fields
         raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+    except ConfigError:
+        raise
+    except ValueError as err:  # the dataclass's own checks (__post_init__): say which section
+        message = str(err)
+        if prefix and not message.startswith(f"{prefix}."):
+            message = f"config section '{prefix}': {message}"
+        raise ConfigError(message) from None
     return obj
 
 
@@ -134,13 +172,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    # YAML reads 1e-4 as a string (it needs a dot); accept plain float syntax too.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") and value.lower() not in ("e",) else value
-        except ValueError:
-            pass
+    value = yaml_load(raw, source=f"override {text!r}", positions=False) if raw.strip() else ""
     return key.split("."), value
 
 
@@ -164,8 +196,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist (configs live under configs/)")
-    with path.open() as fh:
-        data = yaml.safe_load(fh) or {}
+    data = yaml_load(path.read_text(), source=str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     base = data.pop("base", None)

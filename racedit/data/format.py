@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from racedit.cli.common import UserError
+from racedit.errors import UserError
 from racedit.io import MANIFEST, atomic_write, atomic_write_text, sha256_file, sha256_text
 
 FORMAT_NAME = "racedit-latents"

@@ -1,6 +1,6 @@
 """The error a checkpoint reader raises: a leaf module, so every format reader can share it."""
 
-from racedit.cli.common import UserError
+from racedit.errors import UserError
 
 
 class CheckpointError(UserError, ValueError):

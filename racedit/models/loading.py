@@ -8,11 +8,16 @@ Formats ``load_model`` reads:
 - a diffusers ``DiTTransformer2DModel`` folder, or a ``DiTPipeline`` folder (its ``transformer/``): see
   ``racedit.models.diffusers_io``; the model carries diffusers' timestep convention and gives its outputs.
 Nothing is unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``).
+
+A directory with a ``manifest.json`` (the training export ``final/``, a training checkpoint) is checked
+against it before loading: a file whose bytes changed since it was written is an error naming the file,
+unless ``verify=False`` (for files edited on purpose).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 
 from racedit.config.core import to_dict
+from racedit.io import MANIFEST, sha256_file
 from racedit.models.config import ModelConfig
 from racedit.models.dit import DiT
 from racedit.models.errors import CheckpointError
@@ -79,8 +85,13 @@ def save_model(model: DiT, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> DiT:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", *, verify: bool = True, **overrides: Any
+) -> DiT:
     """Load any supported checkpoint (see the module docstring) as a ``DiT`` in eval mode.
+
+    ``verify`` (default on): a directory's model files are checked against its ``manifest.json`` when it
+    has one; a mismatch raises ``CheckpointError`` naming the file.
 
     ``overrides`` change the architecture read from the file before the weights go in, e.g.
     ``connection={"kind": "hc", "rate": 2}`` initialises an HC DiT from official DiT weights
@@ -100,7 +111,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
             model = DiT(**model_kwargs(cfg))
             load_state_dict_checked(model, state, source=str(path))
         else:
-            model = _load_directory(path, overrides)
+            model = _load_directory(path, overrides, verify)
     else:
         state = read_state_dict(path)
         cfg = infer_config(state, **overrides)
@@ -109,7 +120,41 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     return model.to(device).eval()
 
 
-def _load_directory(path: Path, overrides: dict[str, Any]) -> DiT:
+def check_export(path: Path, files: list[str]) -> None:
+    """Compare ``files`` (relative to ``path``) with ``path/manifest.json`` if there is one.
+
+    Only the named files are hashed, so loading the EMA model of a training checkpoint does not read its
+    optimizer state. A file the manifest does not list is not checked (nothing to compare with).
+    """
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{manifest} is unreadable ({err}); load with verify=False to skip the check"
+        ) from None
+    for rel in files:
+        info = listed.get(rel)
+        if info is None:
+            continue
+        f = path / rel
+        if not f.is_file():
+            problem = "is missing"
+        elif f.stat().st_size != info["size"]:
+            problem = f"has {f.stat().st_size} bytes, the manifest says {info['size']}"
+        elif sha256_file(f) != info["sha256"]:
+            problem = "does not match its sha256 in manifest.json (the file changed after it was written)"
+        else:
+            continue
+        raise CheckpointError(
+            f"{f} {problem}: the model may be corrupt. Re-export or re-download it; if you edited it on "
+            "purpose, load with verify=False (racedit-sample --no-verify)"
+        )
+
+
+def _load_directory(path: Path, overrides: dict[str, Any], verify: bool = True) -> DiT:
     from racedit.models import diffusers_io
 
     if (path / "model_index.json").is_file():  # a diffusers pipeline, but not a DiTPipeline
@@ -122,9 +167,11 @@ def _load_directory(path: Path, overrides: dict[str, Any]) -> DiT:
                 != DiT.__name__
             ):
                 raise diffusers_io.unsupported_config_error(candidate / "config.json")
+            if verify:
+                prefix = f"{sub}/" if sub else ""
+                names = ["config.json", "model.safetensors", "sampling.json"]
+                check_export(path, [prefix + n for n in names])
             if overrides:
-                import json
-
                 cfg_json = json.loads((candidate / "config.json").read_text())
                 kwargs = {k: v for k, v in cfg_json.items() if not k.startswith("_")}
                 cfg = resolve_model_config(None, **{**kwargs, **overrides})

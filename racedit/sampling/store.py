@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from racedit.cli.common import UserError
+from racedit.errors import UserError
 from racedit.io import atomic_write, atomic_write_text, remove_stale_temporaries
 
 

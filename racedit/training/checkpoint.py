@@ -6,24 +6,30 @@ Layout of ``<output_dir>/checkpoints/step_0001000/``::
     ema/    config.json + model.safetensors   EMA weights (fp32); ``racedit.load_model(dir)`` reads this one
     optimizer.pt   scheduler.pt               state dicts (tensors and plain containers only)
     rng/rank_00000.pt ...                     every process's RNG states (torch, CUDA, numpy, python, noise)
-    state.json                                step, data position, counters, world size
+    state.json                                step, data position, counters, world size, run id
     config.yaml                               the resolved run config (model section fully resolved)
     manifest.json                             size and sha256 of every file above; written last
 
 A checkpoint is written into ``.tmp-step_0001000`` and renamed when complete, so a crash never leaves
 a directory that looks finished. Loading reads tensors with safetensors and everything else with
 ``torch.load(weights_only=True)``; Accelerate's ``load_state`` unpickles with ``weights_only=False``, which
-is why we do not use it. ``--resume auto`` takes the newest checkpoint whose manifest verifies and says
-which newer ones it skipped and why.
+is why we do not use it.
+
+Lineage: a fresh start draws a run id; a resume keeps the id of the checkpoint it continues. Every
+checkpoint records it in ``state.json``, and rotation (``keep_last``) deletes only checkpoints of the
+writing run's own lineage, never another run's. A checkpoint that fails to verify or to load is renamed
+``corrupt-step_...`` (kept for inspection, no longer a candidate); see ``racedit/training/resume.py`` for
+the choice of checkpoint and the rules of a resume.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +38,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from racedit.io import MANIFEST, check_manifest, write_manifest
+
 CHECKPOINT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-MANIFEST = "manifest.json"
+CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed to verify or load, kept for inspection
+UNREADABLE = "<unreadable>"  # the run id of a checkpoint whose state.json does not parse
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -56,31 +65,31 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def corrupt_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints set aside as corrupt (``corrupt-step_...``), newest name first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(
+        (
+            p
+            for p in ckpt_dir.iterdir()
+            if p.is_dir() and p.name.startswith(CORRUPT_PREFIX + CHECKPOINT_PREFIX)
+        ),
+        reverse=True,
+    )
 
 
-def write_manifest(path: Path) -> None:
-    files = {}
-    for f in sorted(path.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            rel = f.relative_to(path).as_posix()
-            files[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
 def verify(path: Path) -> None:
     """Raise ``CheckpointCorrupt`` naming the first problem: missing manifest, missing file, size or hash."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
+    if not (path / MANIFEST).is_file():
         raise CheckpointCorrupt(f"{path} has no {MANIFEST} (an interrupted or foreign write)")
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as err:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
         raise CheckpointCorrupt(f"{path}/{MANIFEST} is unreadable: {err}") from None
     for rel in (
         "state.json",
@@ -91,27 +100,39 @@ def verify(path: Path) -> None:
     ):
         if rel not in files:
             raise CheckpointCorrupt(f"{path}: the manifest lists no {rel}")
-    for rel, info in files.items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointCorrupt(f"{path}: {rel} is missing")
-        if f.stat().st_size != info["size"]:
-            raise CheckpointCorrupt(
-                f"{path}: {rel} has {f.stat().st_size} bytes, the manifest says {info['size']}"
-            )
-        if _sha256(f) != info["sha256"]:
-            raise CheckpointCorrupt(f"{path}: {rel} does not match its sha256 in the manifest")
+    problems = check_manifest(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointCorrupt(f"{problems[0]}{more}")
 
 
-def find_resumable(ckpt_dir: Path, warn: Callable[[str], None]) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is reported through ``warn``."""
-    for path in list_checkpoints(ckpt_dir):
-        try:
-            verify(path)
-            return path
-        except CheckpointCorrupt as err:
-            warn(f"skipping corrupt checkpoint: {err}; falling back to the previous one")
-    return None
+# ----------------------------------------------------------------------------- lineage
+
+
+def new_run_id() -> str:
+    """A fresh run's id: UTC start time plus random bits, so ids sort by age and never collide."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def run_id_of(path: Path) -> str | None:
+    """The run id recorded in a checkpoint: None when it was written before run ids existed, and
+    ``UNREADABLE`` (no run's id, so rotation never deletes it) when its state.json does not parse."""
+    try:
+        run_id = json.loads((path / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return UNREADABLE
+    return run_id if isinstance(run_id, str) else None
+
+
+def set_aside(path: Path, prefix: str) -> Path:
+    """Rename ``path`` to ``<prefix><name>`` beside it (``-2``, ``-3``... if taken); nothing is deleted."""
+    target = path.with_name(prefix + path.name)
+    n = 2
+    while target.exists():
+        target = path.with_name(f"{prefix}{path.name}-{n}")
+        n += 1
+    path.rename(target)
+    return target
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -179,8 +200,15 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
     dist: Distributed,
+    run_id: str,
+    lineage: Collection[str | None] = (),
 ) -> Path:
-    """Write checkpoint ``step`` atomically (every process calls this; rank 0 writes the shared parts)."""
+    """Write checkpoint ``step`` atomically (every process calls this; rank 0 writes the shared parts).
+
+    Then keep the newest ``keep_last`` checkpoints of this run's lineage (``run_id`` plus the ids in
+    ``lineage``, e.g. None when the run continues a checkpoint written before run ids existed) and delete
+    its older ones; checkpoints of any other run are left alone.
+    """
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
     if dist.is_main:
@@ -196,20 +224,23 @@ def save_checkpoint(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         (tmp / "state.json").write_text(
-            json.dumps({**state, "step": step, "world_size": dist.world_size}, indent=1)
+            json.dumps({**state, "step": step, "world_size": dist.world_size, "run_id": run_id}, indent=1)
         )
         (tmp / "config.yaml").write_text(config_yaml)
     dist.barrier()  # every rank's RNG file is in place
     if dist.is_main:
         write_manifest(tmp)
-        if final.exists():  # re-running the same step (e.g. after a resume): replace it
+        own = {run_id, *lineage}
+        if final.exists() and run_id_of(final) not in own:  # another run's: keep it, under another name
+            set_aside(final, "other-run-")
+        if final.exists():  # re-running the same step of this run (e.g. after a resume): replace it
             old = ckpt_dir / f"{TMP_PREFIX}old-{final.name}"
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        for stale in list_checkpoints(ckpt_dir)[keep_last:]:
+        for stale in [p for p in list_checkpoints(ckpt_dir) if run_id_of(p) in own][keep_last:]:
             trash = ckpt_dir / f"{TMP_PREFIX}del-{stale.name}"
             stale.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -234,18 +265,27 @@ class LoadedCheckpoint:
 
 
 def read_checkpoint(path: Path, rank: int) -> LoadedCheckpoint:
-    """Read every part of a verified checkpoint into CPU memory (no pickled code is executed)."""
-    try:
-        rng_file = path / "rng" / f"rank_{rank:05d}.pt"
-        return LoadedCheckpoint(
-            path=path,
-            model=load_file(path / "model" / "model.safetensors"),
-            ema=load_file(path / "ema" / "model.safetensors"),
-            optimizer=_torch_load(path / "optimizer.pt"),
-            scheduler=_torch_load(path / "scheduler.pt"),
-            rng=_torch_load(rng_file) if rng_file.is_file() else None,
-            state=json.loads((path / "state.json").read_text()),
-            config_yaml=(path / "config.yaml").read_text(),
-        )
-    except Exception as err:  # a file that verified but does not parse is as bad as a corrupt one
-        raise CheckpointCorrupt(f"{path}: {type(err).__name__}: {err}") from None
+    """Read every part of a verified checkpoint into CPU memory (no pickled code is executed).
+
+    A file that verified but does not parse is as bad as a corrupt one: ``CheckpointCorrupt`` names it.
+    """
+
+    def read(rel: str, how: Callable[[Path], Any]) -> Any:
+        try:
+            return how(path / rel)
+        except Exception as err:
+            lines = str(err).strip().splitlines()
+            text = lines[0][:120] + ("..." if len(lines[0]) > 120 or len(lines) > 1 else "") if lines else ""
+            raise CheckpointCorrupt(f"{path}: {rel} does not load ({type(err).__name__}: {text})") from None
+
+    rng_rel = f"rng/rank_{rank:05d}.pt"
+    return LoadedCheckpoint(
+        path=path,
+        model=read("model/model.safetensors", load_file),
+        ema=read("ema/model.safetensors", load_file),
+        optimizer=read("optimizer.pt", _torch_load),
+        scheduler=read("scheduler.pt", _torch_load),
+        rng=read(rng_rel, _torch_load) if (path / rng_rel).is_file() else None,
+        state=read("state.json", lambda f: json.loads(f.read_text())),
+        config_yaml=read("config.yaml", lambda f: f.read_text()),
+    )

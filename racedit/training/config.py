@@ -16,11 +16,12 @@ validated by ``resolve_model_config`` when the run is built (an unknown key is s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from racedit.config.core import ConfigError, load_config
+from racedit.config.core import load_config
 from racedit.data.config import DataConfig
 from racedit.diffusion.config import DiffusionConfig
 
@@ -63,18 +64,42 @@ class TrainConfig:
     max_skipped: int = 100  # with nonfinite=skip: stop after this many skipped steps in a row
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
-        if self.grad_accum < 1:
-            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.global_batch_size < 1:
-            raise ValueError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.keep_last < 1:
-            raise ValueError(f"train.keep_last must be >= 1, got {self.keep_last}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _at_least("train.max_steps", self.max_steps, 1)
+        _at_least("train.grad_accum", self.grad_accum, 1)
+        _at_least("train.global_batch_size", self.global_batch_size, 1)
+        _positive("train.lr", self.lr)
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        _in_unit("train.adam_beta1", self.adam_beta1)
+        _in_unit("train.adam_beta2", self.adam_beta2)
+        _positive("train.adam_eps", self.adam_eps)
+        if self.max_grad_norm is not None:
+            _positive("train.max_grad_norm", self.max_grad_norm)
+        if self.time_limit_minutes is not None:
+            _positive("train.time_limit_minutes", self.time_limit_minutes)
+        _at_least("train.warmup_steps", self.warmup_steps, 0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.num_threads is not None:
+            _at_least("train.num_threads", self.num_threads, 1)
+        _in_unit("train.ema_decay", self.ema_decay)
+        _at_least("train.keep_last", self.keep_last, 1)
+        _at_least("train.checkpoint_every", self.checkpoint_every, 1)
+        _at_least("train.max_skipped", self.max_skipped, 0)
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:  # also false for NaN
+        raise ValueError(f"{key} must be >= {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{key} must be a finite number > 0, got {value}")
+
+
+def _in_unit(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{key} must be in [0, 1), got {value}")
 
 
 @dataclass
@@ -93,6 +118,19 @@ class SampleConfig:
     final_grid: bool = True  # a grid from the exported EMA model at the end
     report_per_class: int = 0  # >0: generate this many per class at the end for the demo-metrics report
 
+    def __post_init__(self) -> None:
+        _at_least("sample.every", self.every, 0)
+        if any(c < 0 for c in self.classes):
+            raise ValueError(f"sample.classes must be class indices >= 0, got {self.classes}")
+        _at_least("sample.per_class", self.per_class, 1)
+        _at_least("sample.steps", self.steps, 1)
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise ValueError(
+                f"sample.cfg_scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}"
+            )
+        _at_least("sample.batch_size", self.batch_size, 1)
+        _at_least("sample.report_per_class", self.report_per_class, 0)
+
 
 @dataclass
 class LogConfig:
@@ -103,6 +141,10 @@ class LogConfig:
     moe_metrics_every: int = 1000  # steps between expert-load metrics and the layer x timestep heatmap
     per_rank: bool = False  # also write each process's own (unreduced) loss to logs/rank{r}.jsonl
     loss_curve: bool = True  # logs/loss.png at the end
+
+    def __post_init__(self) -> None:
+        _at_least("log.every", self.every, 1)
+        _at_least("log.moe_metrics_every", self.moe_metrics_every, 1)
 
 
 @dataclass
@@ -120,10 +162,6 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a run config (YAML) and apply ``section.key=value`` overrides; errors name the key."""
-    try:
-        return load_config(RunConfig, path, overrides)
-    except ValueError as err:  # a dataclass __post_init__ check
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(str(err)) from None
+    """Read a run config (YAML) and apply ``section.key=value`` overrides; every value is checked here,
+    before anything is built or loaded, and an error (``ConfigError``) names the key."""
+    return load_config(RunConfig, path, overrides)

@@ -142,12 +142,14 @@ class DryRun:
         cfg: RunConfig,
         *,
         resume: str | None = None,
+        overwrite: bool = False,
         world_size: int | None = None,
         config_path: str | None = None,
         stream: Any = None,
     ):
         self.cfg = cfg
         self.resume_arg = resume
+        self.overwrite = overwrite
         self.config_path = config_path
         self.out = stream or sys.stdout
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -215,39 +217,54 @@ class DryRun:
         self.check_existing_run()
 
     def check_existing_run(self) -> None:
+        """What the trainer's resume rules (racedit/training/resume.py) would decide, without moving a file."""
         from racedit.training import checkpoint as ckpt
 
-        ckpt_dir = Path(self.cfg.train.output_dir) / "checkpoints"
-        found = ckpt.list_checkpoints(ckpt_dir)
+        out = Path(self.cfg.train.output_dir)
+        ckpt_dir = out / "checkpoints"
+        found, corrupt = ckpt.list_checkpoints(ckpt_dir), ckpt.corrupt_checkpoints(ckpt_dir)
         arg = self.resume_arg
-        if arg in (None, "", "none", "never"):
-            if found:
-                self.problem(
-                    f"{ckpt_dir} already holds {len(found)} checkpoint(s) (newest {found[0].name}) and --resume "
-                    "is not set: continue that run with --resume auto, or start this one in another "
-                    "train.output_dir"
-                )
-            else:
-                self.say(f"fresh start in {self.cfg.train.output_dir}")
-            return
+        below: Path | None = None  # the checkpoint the run would continue
         if arg == "auto":
-            notes: list[str] = []
-            path = ckpt.find_resumable(ckpt_dir, notes.append)
-            for note in notes:
-                self.warn(note)
+            for path in found:
+                try:
+                    ckpt.verify(path)
+                except ckpt.CheckpointCorrupt as err:
+                    self.warn(
+                        f"--resume auto would skip {path.name} ({err}) and keep it as corrupt-{path.name}"
+                    )
+                    continue
+                below = path
+                break
             self.say(
-                f"--resume auto: {'resumes from ' + str(path) if path else 'no valid checkpoint, fresh start'}"
+                f"--resume auto: {'continues ' + str(below) if below else 'no valid checkpoint, fresh start'}"
             )
-        else:
-            path = Path(arg)
+        elif arg not in (None, "", "none", "never"):
+            below = Path(arg)
             try:
-                if not path.is_dir():
-                    raise ckpt.CheckpointCorrupt(f"{path} is not a checkpoint directory")
-                ckpt.verify(path)
+                if not below.is_dir():
+                    raise ckpt.CheckpointCorrupt(f"{below} is not a checkpoint directory")
+                ckpt.verify(below)
             except ckpt.CheckpointCorrupt as err:
                 self.problem(f"--resume {arg}: {err}")
                 return
-        self.resume_path = path
+        if below is None:
+            in_the_way = found + corrupt
+        else:
+            step = ckpt.checkpoint_step(below) if below.name.startswith(ckpt.CHECKPOINT_PREFIX) else -1
+            in_the_way = [p for p in found if ckpt.checkpoint_step(p) > step and p != below]
+        if in_the_way and self.overwrite:
+            self.say(f"--overwrite: the run would move {len(in_the_way)} checkpoint(s) to {out}/old-<time>/")
+        elif in_the_way:
+            what = "starts fresh" if below is None else f"continues {below.name} below newer ones"
+            self.problem(
+                f"{ckpt_dir} holds {len(in_the_way)} checkpoint(s) ({in_the_way[0].name} ...) and this run "
+                f"{what}: the run would refuse. Continue the newest with --resume auto, or use another "
+                "train.output_dir=PATH or --overwrite (moves them aside, deletes nothing)"
+            )
+        elif below is None:
+            self.say(f"fresh start in {out}")
+        self.resume_path = below
 
     def check_data(self) -> None:
         from racedit.data import build_dataset
@@ -322,15 +339,14 @@ class DryRun:
             )
         mc = self.model_cfg
         if mc is not None and self.resume_path is not None:
-            from racedit.training.loop import config_differences
+            from racedit.training.resume import ResumeError, check_settings
 
             saved = yaml.safe_load((self.resume_path / "config.yaml").read_text()) or {}
-            diffs = config_differences(saved.get("model_resolved"), to_dict(mc))
-            if diffs:
-                self.problem(
-                    f"--resume: {self.resume_path} holds another model ({'; '.join(diffs)}); the run would refuse "
-                    "to resume. Use the checkpoint's model config or another train.output_dir"
-                )
+            try:
+                for change in check_settings(self.resume_path, saved, to_dict(cfg), to_dict(mc)):
+                    self.say(f"changed on resume: {change}")
+            except ResumeError as err:
+                self.problem(str(err))
         if mc is not None:
             self.say(
                 f"model input: ({mc.in_channels}, {mc.input_size}, {mc.input_size}), {mc.num_classes} classes "
@@ -632,6 +648,7 @@ def dry_run(
     cfg: RunConfig,
     *,
     resume: str | None = None,
+    overwrite: bool = False,
     world_size: int | None = None,
     config_path: str | None = None,
 ) -> int:
@@ -640,5 +657,7 @@ def dry_run(
         return 0  # under a launcher one process checks for all
     if world_size is not None and world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
-    report = DryRun(cfg, resume=resume, world_size=world_size, config_path=config_path).run()
+    report = DryRun(
+        cfg, resume=resume, overwrite=overwrite, world_size=world_size, config_path=config_path
+    ).run()
     return 2 if report.problems else 0

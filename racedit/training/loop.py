@@ -37,9 +37,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from racedit.config.core import ConfigError, to_dict
+from racedit.io import write_manifest
 from racedit.models import DiT, ForwardAux, ModelConfig, resolve_model_config, save_model
 from racedit.models.loading import model_kwargs
 from racedit.training import checkpoint as ckpt
+from racedit.training import resume as resuming
 from racedit.training.config import RunConfig
 from racedit.training.data import BatchStream
 from racedit.training.ema import EMA
@@ -57,8 +59,8 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or inf; training stopped before applying the step."""
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint cannot be resumed from (different model, missing, unreadable)."""
+ResumeError = resuming.ResumeError  # re-exported: a run cannot start or resume as asked
+FRESH_START = (None, "", "none", "never")  # values of --resume that mean "start from step 0"
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -112,16 +114,6 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two nested dicts differ, as ``key: a -> b``."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += config_differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return [] if a == b else [f"{prefix}: {a!r} (checkpoint) vs {b!r} (now)"]
-
-
 @dataclass
 class TrainResult:
     step: int
@@ -139,9 +131,12 @@ class TrainResult:
 class Trainer:
     """One training run. ``Trainer(cfg).run(resume="auto")``; see the module docstring for the order."""
 
-    def __init__(self, cfg: RunConfig, resume: str | None = None):
+    def __init__(self, cfg: RunConfig, resume: str | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.resume_arg = resume
+        self.overwrite = overwrite  # move another run's checkpoints aside instead of refusing to start
+        self.run_id: str | None = None  # this run's lineage id (new on a fresh start, kept on resume)
+        self.lineage: set[str | None] = set()  # other ids whose checkpoints count as this run's (rotation)
         self.out = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -198,6 +193,11 @@ class Trainer:
         if acc.is_main_process:
             check_output_dir(self.out)
         acc.wait_for_everyone()
+        self.dist = ckpt.Distributed(acc.process_index, acc.num_processes, acc.wait_for_everyone)
+        if self.resume_arg in FRESH_START:  # a fresh start: the folder must not hold a run
+            resuming.claim_output(
+                self.out, self.ckpt_dir, resumed=None, overwrite=self.overwrite, log=self.log, dist=self.dist
+            )
         per_step = tc.global_batch_size // self.world
         if tc.global_batch_size % (self.world * tc.grad_accum):
             raise ConfigError(
@@ -274,43 +274,48 @@ class Trainer:
         )
 
     def resume(self, model: DiT, optimizer: torch.optim.Optimizer) -> Path | None:
+        """Restore everything from the chosen checkpoint (rules: ``racedit/training/resume.py``)."""
+        configured = resuming.optimizer_hyperparameters(optimizer)  # this run's, before any load
+
+        def try_load(path: Path) -> tuple[ckpt.LoadedCheckpoint, list[str]]:
+            loaded = ckpt.read_checkpoint(path, self.rank)
+            changes = resuming.check_settings(
+                path, yaml.safe_load(loaded.config_yaml), to_dict(self.cfg), to_dict(self.model_cfg)
+            )
+            resuming.check_loadable(loaded, model, optimizer)
+            return loaded, changes
+
         arg = self.resume_arg
-        if arg in (None, "", "none", "never"):
-            return None
+        found = None
         if arg == "auto":
-            path = ckpt.find_resumable(self.ckpt_dir, self.log)
-            if path is None:
-                self.log(f"no checkpoint under {self.ckpt_dir}; starting from step 0")
-                return None
-        else:
-            path = Path(arg)
-            if not path.is_dir():
-                raise ResumeError(f"--resume {arg}: no such checkpoint directory")
-            try:
-                ckpt.verify(path)
-            except ckpt.CheckpointCorrupt as err:
-                raise ResumeError(f"--resume {arg}: {err}") from None
-        loaded = ckpt.read_checkpoint(path, self.rank)
-        saved = yaml.safe_load(loaded.config_yaml)
-        diffs = config_differences(saved.get("model_resolved"), to_dict(self.model_cfg))
-        if diffs:
-            raise ResumeError(
-                f"refusing to resume from {path}: its model config differs from this run's: {'; '.join(diffs)}. "
-                "Resume with the checkpoint's model config, or start a new run in another train.output_dir"
+            found = resuming.find_checkpoint(self.ckpt_dir, try_load, self.log, self.dist)
+        elif arg not in FRESH_START:
+            found = resuming.load_explicit(Path(arg), try_load)
+        if arg not in FRESH_START:  # (a fresh start claimed the folder in setup)
+            resuming.claim_output(
+                self.out,
+                self.ckpt_dir,
+                resumed=found.path if found else None,
+                overwrite=self.overwrite,
+                log=self.log,
+                dist=self.dist,
             )
-        diffs = config_differences(saved.get("run", {}).get("diffusion"), to_dict(self.cfg.diffusion))
-        if diffs:
-            raise ResumeError(
-                f"refusing to resume from {path}: the diffusion objective differs: {'; '.join(diffs)}"
-            )
+        if found is None:
+            self.run_id = resuming.shared_run_id(self.dist)
+            return None
+        loaded, path = found.loaded, found.path
         model.load_state_dict(loaded.model, strict=True)
         self.ema.load_state_dict(loaded.ema)
         optimizer.load_state_dict(loaded.optimizer)
         self.scheduler.load_state_dict(loaded.scheduler)
+        resuming.reapply_hyperparameters(optimizer, self.scheduler, configured)
         state = loaded.state
         self.step = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
         self.stream.load_state_dict(state["data"])
+        self.run_id = state.get("run_id") or resuming.shared_run_id(self.dist)
+        if "run_id" not in state:  # written before run ids: the run continues that checkpoint's lineage
+            self.lineage = {None}
         if loaded.rng is not None and int(state.get("world_size", 1)) == self.world:
             ckpt.set_rng_state(loaded.rng, self.noise)
         else:
@@ -318,6 +323,8 @@ class Trainer:
                 f"checkpoint was written by {state.get('world_size')} process(es), this run has {self.world}: "
                 "RNG streams restart from the seed (the run continues, but not bitwise as it would have)"
             )
+        for change in found.changes:
+            self.log(f"changed on resume: {change}")
         self.log(f"resumed from {path} at step {self.step}")
         return path
 
@@ -421,6 +428,8 @@ class Trainer:
             config_yaml=config_yaml,
             keep_last=self.cfg.train.keep_last,
             dist=ckpt.Distributed(acc.process_index, acc.num_processes, acc.wait_for_everyone),
+            run_id=self.run_id,
+            lineage=self.lineage,
         )
         self.last_checkpoint = path
         return path
@@ -593,20 +602,24 @@ class Trainer:
         if acc.is_main_process:
             export_dir = save_model(self.ema.model, self.out / "final")
             from racedit.sampling import write_sampling_meta
+            from racedit.vae import DEFAULT_SCALING, DEFAULT_VAE
 
             meta = getattr(self.dataset, "meta", {}) or {}
             space = getattr(self.dataset, "space", "pixel")
             write_sampling_meta(
                 export_dir,
                 space=space,
-                vae=meta.get("vae", "stabilityai/sd-vae-ft-ema") if space == "latent" else None,
-                scaling_factor=float(meta.get("scaling_factor", 0.18215)),
+                vae=meta.get("vae", DEFAULT_VAE) if space == "latent" else None,
+                vae_subfolder=meta.get("vae_subfolder") if space == "latent" else None,
+                scaling_factor=float(meta.get("scaling_factor", DEFAULT_SCALING)),
+                shift_factor=meta.get("shift_factor") if space == "latent" else None,
                 diffusion=to_dict(self.cfg.diffusion),
                 class_names=self.class_names(),
                 image_size=int(
                     meta.get("image_size", self.model_cfg.input_size * (8 if space == "latent" else 1))
                 ),
             )
+            write_manifest(export_dir)  # racedit.load_model checks the export against it
             self.log(f"exported the EMA model to {export_dir} (racedit-sample / sample.py reads it)")
             if self.cfg.sample.final_grid:
                 grid = self.write_grid("final")
@@ -649,6 +662,7 @@ class Trainer:
         return report
 
 
-def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
-    """Run ``cfg`` (optionally resuming: "auto", a checkpoint directory, or None)."""
-    return Trainer(cfg, resume).run()
+def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> TrainResult:
+    """Run ``cfg`` (optionally resuming: "auto", a checkpoint directory, or None); ``overwrite`` moves
+    another run's checkpoints in ``train.output_dir`` aside instead of refusing to start."""
+    return Trainer(cfg, resume, overwrite).run()

@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 
 import racedit
-from racedit.config import ConfigError, apply_overrides, from_dict, load_config
+from racedit.config import ConfigError, apply_overrides, from_dict, load_config, load_yaml
 from racedit.models import resolve_model_config
 
 
@@ -79,3 +79,47 @@ def test_model_config_from_name_and_overrides():
         racedit.build_model("DiT-XXL/2")
     with pytest.raises(ValueError, match="divisible"):
         resolve_model_config("DiT-S/4", input_size=6)
+
+
+@dataclass
+class Small:
+    lr: float = 1.0
+    steps: int = 1
+    name: str = ""
+    scale: float = 1.0
+
+
+def test_exponent_floats_in_yaml_files_and_overrides(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 as the string "1e-4"; our loader reads it as a float in both places.
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nsteps: 3\nname: run1e5x\n")
+    cfg = load_config(Small, path, ["scale=2E3"])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float) and cfg.scale == 2000.0
+    assert load_yaml(path)["name"] == "run1e5x"  # strings that merely contain an e stay strings
+    assert load_config(Small, path, ["lr=-1.5e-3"]).lr == -1.5e-3
+
+
+def test_malformed_yaml_is_one_line_with_file_line_and_reason(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lr: 1.0\nnested:\n  a: [1, 2\n  b: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:") and "invalid YAML" in message
+    line = int(message[len(str(path)) + 1 :].split(":")[0])
+    assert 3 <= line <= 5  # the parser reports where the unclosed list was noticed (lines 3-5)
+    with pytest.raises(ConfigError, match=r"override 'lr=\[1': invalid YAML"):
+        load_config(Small, None, ["lr=[1"])
+
+
+def test_post_init_errors_carry_the_key_path():
+    from racedit.models.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"config section 'moe': MoE needs 1 <= k <= num_experts"):
+        from_dict(ModelConfig, {"moe": {"k": 9, "num_experts": 8}})
+    # messages that already name their key are left as they are
+    from racedit.training.config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"^train.lr must be a finite number > 0, got -0.001$"):
+        from_dict(RunConfig, {"train": {"lr": -1e-3}})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sampling_helpers import make_tiny_model
+from sampling_helpers import make_tiny_model, save_pixel_model
 from test_sampling_io import _tiny_vae_dir
 
 import racedit
@@ -85,12 +85,14 @@ def test_every_checkpoint_failure_is_one_line(pixel_model_dir, tmp_path, capsys)
         assert err.startswith("racedit-sample: error:") and mentioned in err, (name, err)
 
 
-def test_script_entry_point_one_line_and_debug_traceback(tmp_path):
-    args = [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "missing"), "--no-progress"]
-    plain = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+def test_script_entry_point_one_line_and_debug_traceback(tmp_path, capsys):
+    args = ["--ckpt", str(tmp_path / "missing"), "--no-progress"]
+    plain = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *args], env=ENV, capture_output=True, text=True, timeout=600
+    )  # the script goes through the shared entry point: one line, exit code 2
     assert plain.returncode == 2 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
-    debug = subprocess.run([*args, "--debug"], env=ENV, capture_output=True, text=True, timeout=600)
-    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert main([*args, "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_vae_path_stored_absolute_works_from_another_directory(tmp_path, monkeypatch):
@@ -136,3 +138,30 @@ def test_truncated_chunk_is_redone_on_resume(tmp_path, pixel_model_dir, capsys):
     assert npz.read_bytes() == reference
     with np.load(npz) as f:
         assert f["arr_0"].shape == (6, 8, 8, 3)
+
+
+def test_changed_export_is_refused_unless_no_verify(tmp_path, capsys):
+    """An export's manifest.json catches changed weights; --no-verify loads files edited on purpose."""
+    from racedit.io import write_manifest
+
+    d = save_pixel_model(tmp_path / "m")
+    write_manifest(d)
+    weights = d / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # 8 flipped bytes inside the last tensor
+    weights.write_bytes(bytes(data))
+    args = [
+        "--ckpt",
+        str(d),
+        "--classes",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "g.png"),
+        "--no-progress",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors" in err[0] and "manifest" in err[0]
+    assert main([*args, "--no-verify"]) == 0 and (tmp_path / "g.png").is_file()

@@ -107,6 +107,7 @@ def test_dry_run_lists_every_problem_and_exits_2(tmp_path, latents, capsys):
     meta = json.loads((broken / "meta.json").read_text())
     meta["vae"] = "racedit-tests/no-such-vae"  # a hub id that is not in any local cache
     (broken / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "run" / "checkpoints" / "step_00000010").mkdir(parents=True)  # another run's checkpoint
     path = small_config(tmp_path, broken, train={"global_batch_size": 6})
     code = main(["--config", str(path), "--dry-run", "--world-size", "4", "model.num_classes=5"])
     out = capsys.readouterr().out
@@ -115,7 +116,9 @@ def test_dry_run_lists_every_problem_and_exits_2(tmp_path, latents, capsys):
     assert "model.num_classes = 5" in problems and "3 classes" in problems
     assert "racedit-tests/no-such-vae" in problems and "not available locally" in problems
     assert "not divisible by processes x grad_accum = 4 x 1" in problems
-    assert problems.count("\n  ") == 3  # exactly these three
+    assert "holds 1 checkpoint(s) (step_00000010 ...) and this run starts fresh" in problems
+    assert problems.count("\n  ") == 4  # exactly these four
+    assert (tmp_path / "run" / "checkpoints" / "step_00000010").is_dir()  # nothing was moved
 
 
 def test_state_memory_shards_every_part_under_fsdp():

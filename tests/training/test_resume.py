@@ -103,19 +103,20 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path, one_thread, capsys
     data = bytearray(f.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8
     f.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointCorrupt, match="sha256"):
+    with pytest.raises(ckpt.CheckpointCorrupt, match="content hash differs"):
         ckpt.verify(ckpts[0])
-    warnings: list[str] = []
-    assert ckpt.find_resumable(tmp_path / "run" / "checkpoints", warnings.append) == ckpts[1]
-    assert len(warnings) == 1 and "step_00000004" in warnings[0] and "falling back" in warnings[0]
     # a truncated newest one too; the trainer resumes from step 2 and says so
     f.write_bytes(bytes(data[:100]))
     cfg["train"]["max_steps"] = 3
     result = _run_in_process(cfg, resume="auto")
     out = capsys.readouterr()
-    assert "skipping corrupt checkpoint" in out.out + out.err
+    assert "skipping corrupt checkpoint step_00000004" in out.out + out.err and "falling back" in out.out
     assert "resumed from" in out.out + out.err and "step_00000002" in out.out + out.err
     assert result.step == 3
+    # the corrupt one is kept for inspection under another name, no longer a candidate
+    assert (
+        tmp_path / "run" / "checkpoints" / "corrupt-step_00000004" / "model" / "model.safetensors"
+    ).is_file()
 
 
 def test_resume_refuses_a_different_model(tmp_path: Path, one_thread) -> None:
