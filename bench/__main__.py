@@ -21,6 +21,7 @@ SUITES = {  # module -> (extra args for --quick)
     "moe_layer": ["--repeats", "2", "--warmup", "1"],
     "routing": ["--repeats", "3", "--warmup", "1"],
     "connections": ["--repeats", "2", "--warmup", "1"],
+    "optimizer": ["--repeats", "2", "--warmup", "1"],
     "sampling": ["--repeats", "1"],
     "data": ["--repeats", "1"],
     "fid": ["--repeats", "1"],

@@ -1,7 +1,7 @@
 """Training-step time and peak memory of each residual-stream variant relative to the residual DiT.
 
 Every variant is the same small DiT (same weights where they share names) with a different connection
-(connections.md: HC, dynamic HC, FC, dynamic FC, mHC). One training step = forward, MSE loss,
+(docs/spec/connections.md: HC, dynamic HC, FC, dynamic FC, mHC). One training step = forward, MSE loss,
 backward, AdamW step. Timing is interleaved round-robin over the variants (warm-up, repeats, median;
 both wall-clock and process CPU time), so machine drift hits every variant alike. On a CPU shared with
 other processes the CPU-time ratio is the steadier one; both are printed.
@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 import racedit  # noqa: E402
 from bench.common import interleaved_wall_and_cpu, peak_step_memory, print_table  # noqa: E402
 from racedit.models.dit import DiT  # noqa: E402
-from racedit.models.registry import parse_connection  # noqa: E402
+from racedit.training.optim import build_adamw, resolve_adamw_impl  # noqa: E402
 
 DEFAULT_VARIANTS = "HCx1,HCx2,HCx4,DHCx2,DHCx4,FCx2,FCx4,DFCx2,DFCx4,mHCx2,mHCx4"
 
@@ -53,7 +53,7 @@ def build_variants(names: list[str], args: argparse.Namespace) -> dict[str, DiT]
                 p.normal_(0, 0.02)
     models = {"residual": residual}
     for suffix in names:
-        model = racedit.build_model("DiT-S/2", connection=parse_connection(suffix), **kw)
+        model = racedit.build_model(f"DiT-S/2-{suffix}", **kw)
         model.load_state_dict(residual.state_dict(), strict=False)
         models[suffix] = model
     return {name: m.to(args.device).train() for name, m in models.items()}
@@ -67,7 +67,7 @@ def make_step(model: DiT, args: argparse.Namespace) -> Callable[[], None]:
     t = torch.randint(0, 1000, (B,), generator=g).to(args.device)
     y = torch.randint(0, 10, (B,), generator=g).to(args.device)
     target = torch.randn(B, model.arch.out_channels, S, S, generator=g).to(args.device)
-    opt = torch.optim.AdamW(model.optimizer_param_groups(0.0), lr=1e-4)
+    opt, _ = build_adamw(model.optimizer_param_groups(0.0), lr=1e-4, device=args.device)  # as the trainer
 
     def step() -> None:  # self-contained: the gradients it allocates are freed before it returns
         torch.nn.functional.mse_loss(model(x, t, y), target).backward()
@@ -75,6 +75,40 @@ def make_step(model: DiT, args: argparse.Namespace) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def fast_vs_reference(args: argparse.Namespace) -> None:
+    """One sublayer's connection, forward + backward with a trivial branch: ``forward`` (the fast path) against
+    ``reference_forward`` (the docs/spec/connections.md formula) on the same weights and state, process CPU time."""
+    from racedit.connections import FracConnection, HyperConnection, ManifoldHyperConnection
+
+    B, L, D = args.batch_size, (args.input_size // 2) ** 2, args.hidden_size
+    cases = {
+        "HCx2 (static, streams first)": (HyperConnection(D, 2, 1, streams_first=True), (2, B, L, D)),
+        "HCx4 (static, streams first)": (HyperConnection(D, 4, 1, streams_first=True), (4, B, L, D)),
+        "DHCx2": (HyperConnection(D, 2, 1, dynamic=True), (B, L, 2, D)),
+        "FCx4": (FracConnection(D, 4), (B, L, D)),
+        "DFCx4": (FracConnection(D, 4, dynamic=True), (B, L, D)),
+        "mHCx4": (ManifoldHyperConnection(D, 4, 1), (B, L, 4, D)),
+    }
+    steps = {}
+    for name, (conn, shape) in cases.items():
+        state = torch.randn(shape).to(args.device).requires_grad_(True)
+        for path in ("forward", "reference_forward"):
+            fn = getattr(conn.to(args.device), path)
+            steps[(name, path)] = lambda fn=fn, s=state: fn(s, lambda h: 0.5 * h).sum().backward()
+    _, cpu = interleaved_wall_and_cpu(steps, args.repeats, args.warmup)
+    rows = [
+        [name, f"{1e3 * cpu[(name, 'forward')]:.2f}", f"{1e3 * cpu[(name, 'reference_forward')]:.2f}",
+         cpu[(name, "forward")] / cpu[(name, "reference_forward")]]
+        for name in cases
+    ]  # fmt: skip
+    print_table(
+        f"One sublayer's connection, fast path vs reference (B={B}, L={L}, D={D}, forward + backward, trivial "
+        f"branch; process CPU time, medians of {args.repeats} interleaved repeats)",
+        ["connection", "fast CPU ms", "reference CPU ms", "fast / reference"],
+        rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,8 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--device", default="cpu", help="'cpu' (default) or 'cuda'; the table header names the machine"
     )
+    parser.add_argument(
+        "--paths", action="store_true", help="instead: each connection's fast path against its reference"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.paths:
+        return fast_vs_reference(args)
     names = [s.strip() for s in args.variants.split(",") if s.strip()]
 
     models = build_variants(names, args)
@@ -139,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(
         f"Connections: one training step vs the residual DiT (D={args.hidden_size}, depth={args.depth}, "
         f"L={L} tokens, batch={args.batch_size}, {args.device}; medians of {args.repeats} interleaved repeats; "
-        f"peak memory: {'profiler allocation events' if args.device == 'cpu' else 'CUDA allocator'})",
+        f"peak memory: {'profiler allocation events' if args.device == 'cpu' else 'CUDA allocator'}; "
+        f"AdamW {resolve_adamw_impl('auto', args.device)})",
         [
             "variant",
             "step CPU ms",

@@ -1,4 +1,4 @@
-"""Expert Race routing and expert GEMMs: Triton kernels against their baselines (kernels.md targets).
+"""Expert Race routing and expert GEMMs: Triton kernels against their baselines (docs/spec/kernels.md targets).
 
 On a GPU (``--device cuda``, the default when CUDA is present), at DiT-XL/2 shapes (D = 1152,
 T = 256 * batch, 4-in-32, bf16):

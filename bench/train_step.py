@@ -2,7 +2,8 @@
 
 All models share one size (width, depth, tokens) and one batch; a Race-DiT k-in-E with hidden split
 g = k spends the same activated expert FLOPs as the dense MLP, so its ratio to dense is the MoE
-overhead (routing, gathers, per-expert matmuls). One step = the diffusion objective's loss (the run's
+overhead (routing, gathers, per-expert matmuls). With ``--compile`` every row is also timed ``torch.compile``'d
+(``train.compile=true``). One step = the diffusion objective's loss (the run's
 real loss: DDPM hybrid loss or flow matching, plus the MoE auxiliary losses), backward, AdamW.
 Timing is interleaved round-robin with warm-up and repeats; medians of wall and process-CPU time.
 
@@ -25,6 +26,7 @@ from bench.common import interleaved_wall_and_cpu, peak_step_memory, print_table
 from racedit.diffusion import DiffusionConfig, build_objective  # noqa: E402
 from racedit.models import ForwardAux  # noqa: E402
 from racedit.moe.losses import aux_losses  # noqa: E402
+from racedit.training.optim import build_adamw, resolve_adamw_impl  # noqa: E402
 
 ROUTERS = ("token", "expert", "bl", "be", "le", "race")
 CONNECTIONS = ("HCx2", "DHCx2", "FCx4", "DFCx4", "mHCx4")
@@ -45,7 +47,9 @@ def variants(args: argparse.Namespace) -> dict[str, str | tuple[str, dict]]:
     return out
 
 
-def make_step(name: str, overrides: dict, args: argparse.Namespace) -> Callable[[], None]:
+def make_step(
+    name: str, overrides: dict, args: argparse.Namespace, compiled: bool = False
+) -> Callable[[], None]:
     torch.manual_seed(0)
     model = racedit.build_model(
         name,
@@ -59,15 +63,16 @@ def make_step(name: str, overrides: dict, args: argparse.Namespace) -> Callable[
         **overrides,
     ).to(args.device)
     model.train()
+    net = torch.compile(model) if compiled else model  # train.compile=true does the same
     objective = build_objective(DiffusionConfig(objective=args.objective), learn_sigma=model.arch.learn_sigma)
-    opt = torch.optim.AdamW(model.optimizer_param_groups(0.0), lr=1e-4)
+    opt, _ = build_adamw(model.optimizer_param_groups(0.0), lr=1e-4, device=args.device)  # as the trainer
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(args.batch_size, 4, args.input_size, args.input_size, generator=g).to(args.device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(args.device)
 
     def step() -> None:
         aux = ForwardAux()
-        out = objective.training_loss(model, x0, y, aux=aux)
+        out = objective.training_loss(net, x0, y, aux=aux)
         loss = out.loss
         if model.arch.moe is not None:
             loss = loss + sum(aux_losses(aux, model.patchify(out.target), model.arch.moe).values())
@@ -97,12 +102,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on shared CPUs)"
     )
-    p.add_argument("--filter", default=None, help="only rows whose label contains this text")
+    p.add_argument(
+        "--filter", default=None, help="only rows whose label contains one of these comma-separated texts"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every row torch.compile'd (its own row, ratio to the eager dense row); compiling "
+        "takes minutes per model on a small CPU",
+    )
     args = p.parse_args(argv)
     if args.device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
-    todo = {k: v for k, v in variants(args).items() if args.filter is None or args.filter in k}
+    wanted = [w for w in (args.filter or "").split(",") if w]
+    todo = {k: v for k, v in variants(args).items() if not wanted or any(w in k for w in wanted)}
     steps = {label: make_step(name, ov, args) for label, (name, ov) in todo.items()}
+    if args.compile:
+        steps.update(
+            {f"{label} (compiled)": make_step(name, ov, args, True) for label, (name, ov) in todo.items()}
+        )
     wall, cpu = interleaved_wall_and_cpu(steps, args.repeats, args.warmup)
     mem = {label: peak_step_memory(step, args.device) for label, step in steps.items()}
     base = "dense DiT" if "dense DiT" in steps else next(iter(steps))
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(
         f"Training step vs {base} (D={args.hidden_size}, depth={args.depth}, "
         f"L={(args.input_size // args.patch) ** 2} tokens, batch={args.batch_size}, {args.objective}, "
-        f"{args.device}; medians of {args.repeats} interleaved rounds)",
+        f"{args.device}; medians of {args.repeats} interleaved rounds; AdamW {resolve_adamw_impl('auto', args.device)})",
         ["model", "images/s", "wall ratio", "CPU-time ratio", "peak MiB", "memory ratio"],
         rows,
     )

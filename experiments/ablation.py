@@ -1,4 +1,4 @@
-"""Small-scale reproduction of the Race-DiT ablations (race-dit.md section 8) on the embedded digits.
+"""Small-scale reproduction of the Race-DiT ablations (docs/spec/race-dit.md section 8) on the embedded digits.
 
     python -m experiments.ablation --config configs/repro/ablation_digits.yaml
 
@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from racedit.config.core import _deep_merge, from_dict, load_yaml
+from racedit.config.core import deep_merge, from_dict, load_yaml
 from racedit.training.config import RunConfig
 from racedit.training.logging import read_jsonl
 
@@ -69,9 +69,7 @@ def load_ablation(path: Path) -> AblationConfig:
 
 def run_config(cfg: AblationConfig, variant: Variant, seed: int) -> dict[str, Any]:
     """The full run config (nested dict) of one (variant, seed), validated as a RunConfig."""
-    data = _deep_merge(_deep_merge(load_yaml(cfg.base), cfg.common), variant.config)
-    if "moe" in data.get("model", {}) and not str(data["model"].get("name", "")).startswith("RaceDiT"):
-        data["model"].pop("moe")  # a dense row: the MoE settings of the base do not apply
+    data = deep_merge(deep_merge(load_yaml(cfg.base), cfg.common), variant.config)
     data.setdefault("train", {})
     data["train"]["seed"] = seed
     data["train"]["output_dir"] = str(Path(cfg.output_dir) / variant.name / f"seed{seed}")

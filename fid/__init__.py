@@ -1,5 +1,5 @@
 """ADM-protocol evaluation: FID, sFID, Inception Score, precision/recall (+ KID), reference batches,
-provenance records and the leaderboard. Spec: evaluation.md. Command: ``python -m fid`` / ``racedit-fid``.
+provenance records and the leaderboard. Spec: docs/spec/evaluation.md. Command: ``python -m fid`` / ``racedit-fid``.
 
 Public functions for external checks: :func:`frechet_distance` (float64, eigen-based trace term),
 :func:`inception_score`, :func:`precision_recall`, :func:`kernel_inception_distance`, :func:`cmmd`

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROG,
         description="ADM-protocol evaluation (FID, sFID, IS, precision/recall; KID optional) on torch-fidelity's "
-        "InceptionV3 port, reference batches and the leaderboard. Spec: evaluation.md.",
+        "InceptionV3 port, reference batches and the leaderboard. Spec: docs/spec/evaluation.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out-dir", default="assets/leaderboard", help="where leaderboard.{md,csv,png} go")
     p.add_argument(
-        "--no-published", action="store_true", help="leave out the published rows of evaluation.md"
+        "--no-published", action="store_true", help="leave out the published rows of docs/spec/evaluation.md"
     )
     p.add_argument(
         "--include-test-records",

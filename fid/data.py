@@ -1,7 +1,7 @@
 """Image sources for evaluation: ADM ``.npz`` files, folders of images, ``sample.py`` output folders.
 
 All sources yield uint8 batches (B, H, W, 3) in a fixed order and have a content hash (the key of the
-feature cache). evaluation.md, "Sample file": ``arr_0`` uint8 (N, H, W, 3); samples are PNG or raw
+feature cache). docs/spec/evaluation.md, "Sample file": ``arr_0`` uint8 (N, H, W, 3); samples are PNG or raw
 uint8, never JPEG (JPEG is accepted, with a warning, only for reference folders such as ImageNet).
 """
 
@@ -251,7 +251,7 @@ def open_images(
             lossy = [f for f in src.files if f.suffix.lower() in LOSSY_SUFFIXES]
             if lossy and not for_reference:
                 warnings.warn(
-                    f"{len(lossy)} samples under {p} are lossy ({lossy[0].suffix}): evaluation.md asks for PNG "
+                    f"{len(lossy)} samples under {p} are lossy ({lossy[0].suffix}): docs/spec/evaluation.md asks for PNG "
                     f"or raw uint8 samples, JPEG artefacts change FID",
                     stacklevel=2,
                 )

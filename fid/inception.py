@@ -1,6 +1,6 @@
 """InceptionV3 features for the ADM protocol, on torch-fidelity's port ("inception-v3-compat").
 
-evaluation.md, "Network and weights" / "Metrics": torch-fidelity reproduces TF1's bilinear resize to
+docs/spec/evaluation.md, "Network and weights" / "Metrics": torch-fidelity reproduces TF1's bilinear resize to
 299 and the (x - 128) / 128 normalisation. We take from one forward pass:
 
 - ``pool``:    pool_3, (N, 2048), for FID, precision/recall, KID and (through the unbiased logits) IS;
@@ -130,7 +130,7 @@ def random_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def strict_fp32() -> Iterator[None]:
-    """TF32 off for the duration (evaluation.md: features in strict fp32), restored afterwards."""
+    """TF32 off for the duration (docs/spec/evaluation.md: features in strict fp32), restored afterwards."""
     saved = (
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,

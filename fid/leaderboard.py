@@ -4,7 +4,7 @@ Records are the ``*.fid.json`` files ``racedit-fid eval`` writes (schema ``raced
 Records made with a randomly initialised Inception are left out (their numbers are not FIDs). CMMD and
 CLIP score appear only when the record's CLIP is ViT-L/14@336px (``clip_model`` and its weights hash
 are columns).
-The published rows (``fid/published.csv``, from evaluation.md) are marked ``published``.
+The published rows (``fid/published.csv``, from docs/spec/evaluation.md) are marked ``published``.
 """
 
 from __future__ import annotations

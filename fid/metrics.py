@@ -1,6 +1,6 @@
 """The ADM metrics from features: FID, sFID, Inception Score, precision/recall; KID as an extra.
 
-Definitions follow evaluation.md "Metrics (ADM definitions)", i.e. guided-diffusion's
+Definitions follow docs/spec/evaluation.md "Metrics (ADM definitions)", i.e. guided-diffusion's
 ``evaluations/evaluator.py``. Everything here works on features (numpy or torch), not images.
 """
 
@@ -52,7 +52,7 @@ def feature_statistics(features: np.ndarray | torch.Tensor, chunk: int = 8192) -
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), float64.
 
-    ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}), where (evaluation.md, "FID") the trace
+    ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}), where (docs/spec/evaluation.md, "FID") the trace
     term is sum_i sqrt(lambda_i) over the eigenvalues of the symmetric PSD matrix S1^{1/2} S2 S1^{1/2}
     (similar to S1 S2, so the same spectrum): eigh instead of scipy's sqrtm, same value to ~1e-10.
     Tiny negative eigenvalues from round-off are clipped to zero.

@@ -1,6 +1,6 @@
-"""Provenance records: one JSON per evaluation, carrying every column evaluation.md asks for.
+"""Provenance records: one JSON per evaluation, carrying every column docs/spec/evaluation.md asks for.
 
-evaluation.md, "What must be recorded with every result": model, total/activated params, training
+docs/spec/evaluation.md, "What must be recorded with every result": model, total/activated params, training
 iterations x batch, VAE, objective, sampler and steps, CFG scale (+ interval, channels), number of
 samples, label sampling, reference batch, quantisation, weights hash, metric implementation version.
 

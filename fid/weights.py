@@ -1,6 +1,6 @@
 """Where the Inception weights come from: resolve a local file, check its hash, load it safely.
 
-evaluation.md, "Network and weights": the 2015-12-05 InceptionV3 graph ported to PyTorch, one file
+docs/spec/evaluation.md, "Network and weights": the 2015-12-05 InceptionV3 graph ported to PyTorch, one file
 under two names (torch-fidelity's and pytorch-fid's), SHA-256 6726825d...; resolved from an explicit
 path, then ``$RACEDIT_INCEPTION_WEIGHTS``, then ``$TORCH_HOME/hub/checkpoints/``. Nothing here ever
 downloads: a missing or wrong file is an error that says which file to fetch and where to put it.

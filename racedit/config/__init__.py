@@ -1,6 +1,7 @@
 from racedit.config.core import (
     ConfigError,
     apply_overrides,
+    deep_merge,
     dump_yaml,
     from_dict,
     load_config,
@@ -12,6 +13,7 @@ from racedit.config.core import (
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "deep_merge",
     "dump_yaml",
     "from_dict",
     "load_config",

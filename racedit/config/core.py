@@ -8,6 +8,7 @@ from the command line as ``section.key=value`` (the value is parsed as YAML: ``3
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -89,6 +90,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if hasattr(tp, "from_config_data"):  # a section that expands itself (e.g. a zoo name)
+            return tp.from_config_data(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=key)
@@ -155,6 +158,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 def to_dict(obj: Any) -> Any:
     """Dataclass (nested) -> plain dict / list / scalars, ready for YAML or JSON."""
+    if hasattr(obj, "to_config_data") and not isinstance(obj, type):
+        return obj.to_config_data()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -202,14 +207,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is not None:  # `base: other.yaml` inherits, this file's keys win
         parent = load_yaml(path.parent / base)
-        data = _deep_merge(parent, data)
+        data = deep_merge(parent, data)
     return data
 
 
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, recursively; the one merge every config layer uses.
+
+    A mapping merged onto a mapping merges key by key; any other value (a list, a scalar, ``None``)
+    replaces what ``base`` held, so ``moe: null`` removes a section. Neither input is modified.
+    """
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
     return out
 
 

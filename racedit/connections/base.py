@@ -2,7 +2,7 @@
 
 Every sublayer of every block (attention, then MLP/MoE) owns one ``Connection``. The block hands it
 the stream state and the sublayer's branch ``T``, a function ``(B, L, D) -> (B, L, D)`` that already
-contains the adaLN modulate and gate (connections.md: ``T(h) = gate * F(modulate(LN(h)))``).
+contains the adaLN modulate and gate (docs/spec/connections.md: ``T(h) = gate * F(modulate(LN(h)))``).
 The model owns one ``Stream``, which turns the patch embedding into the stream state before the
 first block and back into ``(B, L, D)`` before the final layer.
 
@@ -20,7 +20,13 @@ Branch = Callable[[Tensor], Tensor]
 
 
 class Connection(nn.Module):
-    """One sublayer's connection: ``forward(state, branch) -> new state``."""
+    """One sublayer's connection: ``forward(state, branch) -> new state``.
+
+    ``output_init_gain``: the factor the model applies, after its own init, to the initial weights of this
+    sublayer's output projection (1 for every connection but hyper-connections, where it is sqrt(n)).
+    """
+
+    output_init_gain: float = 1.0
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -31,7 +37,7 @@ class Connection(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names (local to this module) of parameters that must not be weight-decayed: every static mixing
-        parameter, bias and scale (connections.md); only the dynamic projection matrices are decayed."""
+        parameter, bias and scale (docs/spec/connections.md); only the dynamic projection matrices are decayed."""
         return {name for name, _ in self.named_parameters() if not name.endswith("proj.weight")}
 
 

@@ -1,4 +1,4 @@
-"""Configuration of the residual stream (connections.md)."""
+"""Configuration of the residual stream (docs/spec/connections.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class ConnectionConfig:
     dynamic: bool = False  # HC/FC: dynamic (per-token) mixing on top of the static parameters
     tanh: bool = True  # HC/FC dynamic: tanh on the dynamic projections
     sinkhorn_iters: int = 20  # mHC: Sinkhorn-Knopp iterations
+    # HC: the std of each sublayer's output projection (attention proj, MLP fc2 / expert w2) at init is
+    # multiplied by sqrt(n), as the hyper-connection paper does (docs/design.md, "Connections")
+    scale_output_init: bool = True
 
     def __post_init__(self) -> None:
         if self.rate < 1:

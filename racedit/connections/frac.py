@@ -1,6 +1,6 @@
 """Frac-connections (Zhu et al., arXiv 2503.14125): the residual stream split into m fractions.
 
-connections.md, "Frac-connections (FC), m fractions". Instead of n copies, the width-D stream is
+docs/spec/connections.md, "Frac-connections (FC), m fractions". Instead of n copies, the width-D stream is
 viewed as m fractions of width D/m: ``H = reshape(h, (m, D/m))``. The state stays (B, L, D), so the
 model-level stream is the plain one (no expand, no collapse). Per sublayer:
 
@@ -27,7 +27,7 @@ from racedit.connections.hyper import DYNAMIC_SCALE_INIT
 
 
 class FracConnection(Connection):
-    """One sublayer's frac-connection, static or dynamic (connections.md, FC).
+    """One sublayer's frac-connection, static or dynamic (docs/spec/connections.md, FC).
 
     Parameters (state-dict names):
     - ``static_pre``  (m, m)  Y[i, j]: how much of fraction i goes into fraction j of the sublayer input;
@@ -58,7 +58,7 @@ class FracConnection(Connection):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Identity init (connections.md): Y = A = I, B = 1, W = 0, s = 0.01."""
+        """Identity init (docs/spec/connections.md): Y = A = I, B = 1, W = 0, s = 0.01."""
         eye = torch.eye(self.rate, device=self.static_pre.device)
         self.static_pre.copy_(eye)
         self.static_res.copy_(eye)
@@ -83,6 +83,18 @@ class FracConnection(Connection):
         return pre, res, post
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, D) -> (B, L, D)
+        """Read and mix as (m x m) @ (m x D/m) products per token (static: one matrix broadcast over the
+        tokens; dynamic: batched), the write accumulated in place onto the mix (no pass per fraction)."""
+        m = self.rate
+        H = state.unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
+        pre, res, post = self.coefficients(H)
+        h0 = torch.matmul(pre.transpose(-1, -2), H).flatten(-2)  # (B, L, D)
+        out = branch(h0).unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
+        mixed = torch.matmul(res.transpose(-1, -2), H)  # (B, L, m, D/m); its backward reads only inputs
+        return mixed.addcmul_(post.unsqueeze(-1), out).flatten(-2)
+
+    def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
+        """The plain einsum formula (docs/spec/connections.md, FC)."""
         m = self.rate
         H = state.unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
         pre, res, post = self.coefficients(H)

@@ -1,6 +1,6 @@
 """Hyper-connections (Zhu et al., ICLR 2025, arXiv 2409.19606): n copies of the residual stream.
 
-connections.md, "Hyper-connections (HC), expansion rate n". The state is ``H`` of shape (B, L, n, D).
+docs/spec/connections.md, "Hyper-connections (HC), expansion rate n". The state is ``H`` of shape (B, L, n, D).
 Each sublayer T reads a weighted sum of the streams and writes its output back to every stream,
 while the streams are mixed among themselves:
 
@@ -23,9 +23,19 @@ the factor n. It cancels only up to the LayerNorm eps: LN_eps(n x) = LN_{eps/n^2
 of about eps (1 - 1/n^2) / (2 var(x)) that grows where a token's variance is small. ``HyperStream``
 therefore collapses with the *mean* of the streams, which equals the residual stream exactly at init
 (a fixed 1/n that the following LayerNorm would remove anyway, so nothing is lost in expressiveness).
+
+Layout and speed (docs/design.md, "Connections: layout and fast paths"). The update is memory-bound: its
+FLOPs are a few per element, so its cost is the number of passes over the n-copy state. Static HC keeps the
+state stream-major, ``(n, B, L, D)``: then the read is one (1 x n) @ (n x BLD) product and the mix plus write
+is one (n x n) @ (n x BLD) GEMM followed by an in-place rank-1 update, and autograd saves only the state
+itself (the GEMMs' backward reads it). Dynamic HC has per-token coefficients and keeps the token-major
+``(B, L, n, D)`` layout, where read and mix are batched (1 x n) and (n x n) products per token. Both paths
+have the plain einsum formula beside them (``reference_forward``), tested to agree in values and gradients.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -37,26 +47,70 @@ DYNAMIC_SCALE_INIT = 0.01  # s_a = s_b at init (paper section 3.3)
 
 
 class HyperStream(Stream):
-    """n copies of the stream: expand (B, L, D) -> (B, L, n, D); collapse by the mean over streams."""
+    """n copies of the stream: expand (B, L, D) -> state; collapse by the mean over streams.
 
-    def __init__(self, rate: int):
+    The state is ``(B, L, n, D)`` (token-major), or ``(n, B, L, D)`` with ``streams_first`` (static HC)."""
+
+    def __init__(self, rate: int, streams_first: bool = False):
         super().__init__()
-        self.rate = rate
+        self.rate, self.streams_first = rate, streams_first
 
-    def expand(self, h: Tensor) -> Tensor:  # (B, L, D) -> (B, L, n, D)
+    def expand(self, h: Tensor) -> Tensor:  # (B, L, D) -> (B, L, n, D) or (n, B, L, D)
+        if self.streams_first:
+            return h.unsqueeze(0).expand(self.rate, *h.shape)
         return h.unsqueeze(-2).expand(*h.shape[:-1], self.rate, h.shape[-1])
 
-    def collapse(self, state: Tensor) -> Tensor:  # (B, L, n, D) -> (B, L, D)
-        if state.shape[-2] != self.rate:
-            raise ValueError(f"expected a stream state (..., {self.rate}, D), got {tuple(state.shape)}")
-        return state.mean(dim=-2)
+    def collapse(self, state: Tensor) -> Tensor:  # state -> (B, L, D)
+        axis = 0 if self.streams_first else -2
+        if state.shape[axis] != self.rate:
+            where = f"({self.rate}, ..., D)" if self.streams_first else f"(..., {self.rate}, D)"
+            raise ValueError(f"expected a stream state {where}, got {tuple(state.shape)}")
+        return state.mean(dim=axis)
 
     def extra_repr(self) -> str:
-        return f"rate={self.rate}"
+        return f"rate={self.rate}, streams_first={self.streams_first}"
+
+
+def recompute_in_backward(fn, state: Tensor) -> Tensor:
+    """``fn(state)`` whose intermediates are recomputed in backward instead of saved: for the coefficient
+    projections of dynamic HC and mHC, whose normalised input is n copies of the stream wide while their
+    output is n + 2 (or n^2 + 2n) numbers per token. Costs one more normalisation + projection in backward."""
+    if not torch.is_grad_enabled():
+        return fn(state)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, state, use_reentrant=False)
+
+
+def mix_streams(state: Tensor, pre: Tensor, res: Tensor, post: Tensor, branch: Branch) -> Tensor:
+    """The HC/mHC update on a token-major state (B, L, n, D) with per-token (or broadcast) coefficients
+    pre (..., n), res (..., n, n), post (..., n): batched matrix products, no pass per stream.
+
+    h0 = pre^T H (one (1 x n) @ (n x D) product per token); new = res^T H + post out^T (one batched
+    (n x n) @ (n x D) product accumulated onto the rank-1 write)."""
+    *lead, n, D = state.shape
+    h0 = torch.matmul(pre.unsqueeze(-2), state).squeeze(-2)  # (B, L, D)
+    out = branch(h0)  # (B, L, D)
+    if res.dim() == 2:  # static: one (n x n) matrix for every token
+        mixed = torch.matmul(res.t(), state)  # (B, L, n, D)
+    else:
+        res_t = res.transpose(-1, -2).reshape(-1, n, n)  # (BL, n, n)
+        mixed = torch.bmm(res_t, state.reshape(-1, n, D)).view(*lead, n, D)
+    # In place on the product (its backward does not read its output): no separate write tensor.
+    return mixed.addcmul_(post.unsqueeze(-1), out.unsqueeze(-2))
+
+
+def mix_streams_reference(state: Tensor, pre: Tensor, res: Tensor, post: Tensor, branch: Branch) -> Tensor:
+    """The plain formula of ``mix_streams`` (docs/spec/connections.md): h0 = sum_i pre_i H_i,
+    H_j <- post_j T(h0) + sum_i res_ij H_i, as einsums over the token-major state (B, L, n, D)."""
+    h0 = torch.einsum("...nd,...n->...d", state, pre)  # (B, L, D)
+    out = branch(h0)  # (B, L, D)
+    mixed = torch.einsum("...id,...ij->...jd", state, res)  # (B, L, n, D)
+    return mixed + post.unsqueeze(-1) * out.unsqueeze(-2)
 
 
 class HyperConnection(Connection):
-    """One sublayer's hyper-connection, static or dynamic (connections.md, HC).
+    """One sublayer's hyper-connection, static or dynamic (docs/spec/connections.md, HC).
 
     Parameters (names as they appear in a state dict, e.g. ``blocks.3.conn_mlp.static_res``):
     - ``static_pre``  (n,)    A_m: how much of each stream the sublayer reads;
@@ -66,10 +120,22 @@ class HyperConnection(Connection):
       [W_m | W_r (n columns) | W_b]; ``dynamic_alpha_scale`` s_a and ``dynamic_beta_scale`` s_b (scalars).
     """
 
-    def __init__(self, dim: int, rate: int, index: int, dynamic: bool = False, tanh: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        rate: int,
+        index: int,
+        dynamic: bool = False,
+        tanh: bool = True,
+        streams_first: bool = False,
+        output_init_gain: float = 1.0,
+    ):
         super().__init__()
+        if streams_first and dynamic:
+            raise ValueError("the streams-first layout is for static HC; dynamic HC mixes per token")
         self.dim, self.rate, self.index = dim, rate, index
-        self.dynamic, self.use_tanh = dynamic, tanh
+        self.dynamic, self.use_tanh, self.streams_first = dynamic, tanh, streams_first
+        self.output_init_gain = output_init_gain
         n = rate
         self.static_pre = nn.Parameter(torch.empty(n))  # (n,)    A_m
         self.static_res = nn.Parameter(torch.empty(n, n))  # (n, n)  A_r
@@ -83,7 +149,7 @@ class HyperConnection(Connection):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Identity init (connections.md): A_m = e_{k mod n}, A_r = I, B = 1, W = 0, s = 0.01."""
+        """Identity init (docs/spec/connections.md): A_m = e_{k mod n}, A_r = I, B = 1, W = 0, s = 0.01."""
         n = self.rate
         self.static_pre.zero_()
         self.static_pre[self.index % n] = 1.0
@@ -99,21 +165,35 @@ class HyperConnection(Connection):
         (B, L, n), (B, L, n, n), (B, L, n)."""
         if not self.dynamic:
             return self.static_pre, self.static_res, self.static_post
-        z = self.dynamic_proj(self.norm(state))  # (B, L, n, n + 2); row i is computed from stream i
-        if self.use_tanh:
-            z = torch.tanh(z)
+        z = recompute_in_backward(self._dynamic_logits, state)  # (B, L, n, n + 2); row i from stream i
         n = self.rate
         pre = self.dynamic_alpha_scale * z[..., 0] + self.static_pre  # (B, L, n)
         res = self.dynamic_alpha_scale * z[..., 1 : n + 1] + self.static_res  # (B, L, n, n)
         post = self.dynamic_beta_scale * z[..., n + 1] + self.static_post  # (B, L, n)
         return pre, res, post
 
-    def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, n, D) -> (B, L, n, D)
-        pre, res, post = self.coefficients(state)
-        h0 = torch.einsum("...nd,...n->...d", state, pre)  # (B, L, D)
+    def _dynamic_logits(self, state: Tensor) -> Tensor:  # (B, L, n, D) -> (B, L, n, n + 2)
+        z = self.dynamic_proj(self.norm(state))
+        return torch.tanh(z) if self.use_tanh else z
+
+    def forward(self, state: Tensor, branch: Branch) -> Tensor:  # state -> state, same layout
+        if not self.streams_first:  # (B, L, n, D)
+            return mix_streams(state, *self.coefficients(state), branch)
+        n = self.rate
+        flat = state.reshape(n, -1)  # (n, B L D): a view of the stream-major state
+        h0 = torch.matmul(self.static_pre, flat).view(state.shape[1:])  # (B, L, D)
         out = branch(h0)  # (B, L, D)
-        mixed = torch.einsum("...id,...ij->...jd", state, res)  # (B, L, n, D)
-        return mixed + post.unsqueeze(-1) * out.unsqueeze(-2)
+        # One GEMM mixes the streams; the write is a rank-1 update in place (mm's backward reads its inputs).
+        new = torch.mm(self.static_res.t(), flat).addr_(self.static_post, out.reshape(-1))  # (n, B L D)
+        return new.view(state.shape)
+
+    def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
+        """The plain einsum formula (docs/spec/connections.md), in the same layout as ``forward``."""
+        if not self.streams_first:
+            return mix_streams_reference(state, *self.coefficients(state), branch)
+        token_major = state.movedim(0, -2)  # (B, L, n, D)
+        new = mix_streams_reference(token_major, *self.coefficients(token_major), branch)
+        return new.movedim(-2, 0)
 
     def flops(self, num_tokens: int) -> int:
         """Read n D, mix n^2 D, write n D multiply-adds per token; dynamic adds the n x D x (n + 2) projection."""
@@ -122,17 +202,36 @@ class HyperConnection(Connection):
         return num_tokens * per_token
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, rate={self.rate}, index={self.index}, dynamic={self.dynamic}, tanh={self.use_tanh}"
+        return (
+            f"dim={self.dim}, rate={self.rate}, index={self.index}, dynamic={self.dynamic}, "
+            f"tanh={self.use_tanh}, streams_first={self.streams_first}"
+        )
 
 
 def build_stream(cfg: ConnectionConfig, dim: int) -> Stream:
-    """All n streams start as copies of the patch embedding."""
-    return HyperStream(cfg.rate)
+    """All n streams start as copies of the patch embedding; static HC keeps them stream-major."""
+    return HyperStream(cfg.rate, streams_first=not cfg.dynamic)
 
 
 def build_connection(cfg: ConnectionConfig, dim: int, layer_index: int, sublayer_index: int) -> Connection:
-    """Sublayer k = 2 * layer + sublayer reads stream k mod n at init."""
-    return HyperConnection(dim, cfg.rate, 2 * layer_index + sublayer_index, cfg.dynamic, cfg.tanh)
+    """Sublayer k = 2 * layer + sublayer reads stream k mod n at init; its output projection's initial std is
+    scaled by sqrt(n) (the paper's init; ``cfg.scale_output_init``)."""
+    return HyperConnection(
+        dim,
+        cfg.rate,
+        2 * layer_index + sublayer_index,
+        cfg.dynamic,
+        cfg.tanh,
+        streams_first=not cfg.dynamic,
+        output_init_gain=math.sqrt(cfg.rate) if cfg.scale_output_init else 1.0,
+    )
 
 
-__all__ = ["HyperConnection", "HyperStream", "build_connection", "build_stream"]
+__all__ = [
+    "HyperConnection",
+    "HyperStream",
+    "build_connection",
+    "build_stream",
+    "mix_streams",
+    "mix_streams_reference",
+]

@@ -1,6 +1,6 @@
 """Manifold-constrained hyper-connections (mHC; DeepSeek, arXiv 2512.24880).
 
-connections.md, "mHC". Same n-stream state (B, L, n, D) and update as hyper-connections,
+docs/spec/connections.md, "mHC". Same n-stream state (B, L, n, D) and update as hyper-connections,
 
     h0 = sum_i H_pre[i] * H_i,     H_j <- H_post[j] * T(h0) + sum_i H_res[i, j] * H_i,
 
@@ -43,7 +43,12 @@ from torch import Tensor, nn
 
 from racedit.connections.base import Branch, Connection, Stream
 from racedit.connections.config import ConnectionConfig
-from racedit.connections.hyper import DYNAMIC_SCALE_INIT, HyperStream
+from racedit.connections.hyper import (
+    DYNAMIC_SCALE_INIT,
+    HyperStream,
+    mix_streams,
+    mix_streams_reference,
+)
 
 RES_DIAG_INIT = 0.9  # H_res diagonal at init (the rest of each column spread evenly)
 
@@ -62,8 +67,35 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return log_p.exp().to(logits.dtype)
 
 
+SINKHORN_FLOOR = -700.0  # fast path: logits more than 700 nats below their row's maximum are raised to it
+
+
+def sinkhorn_fast(logits: Tensor, iters: int) -> Tensor:
+    """``sinkhorn`` through its scaling vectors: the same iterates, a fraction of the work.
+
+    Every Sinkhorn iterate is diag(r) P0 diag(c) with P0 = exp(logits): normalising the rows sets
+    r = 1 / (P0 c), normalising the columns sets c = 1 / (P0^T r). Iterating on the vectors (n numbers per
+    matrix instead of n^2; one batched mat-vec and one reciprocal per half-iteration, where the log domain
+    spends a logsumexp of five ops on the whole matrix), then forming diag(r) P0 diag(c) once, gives the
+    reference's result after the same number of iterations; autograd saves only vectors.
+
+    Computed in float64 from exp(logits - rowmax) (the row shift cancels in the first row normalisation):
+    exp() is exact to ~1e-16 down to e^-700, so the only departure from the log-domain reference is for logits
+    more than 700 nats below their row's maximum (probability < 1e-304 of the row's largest), raised to that
+    floor so that no column can sum to zero. Returns ``logits.dtype``.
+    """
+    x = logits.double()
+    p0 = (x - x.amax(dim=-1, keepdim=True)).clamp(min=SINKHORN_FLOOR).exp()  # (..., n, n)
+    p0t = p0.transpose(-1, -2)
+    c = torch.ones_like(p0[..., :1])  # (..., n, 1)
+    for _ in range(iters):
+        r = torch.reciprocal(torch.matmul(p0, c))  # (..., n, 1): rows of diag(r) P0 diag(c) sum to 1
+        c = torch.reciprocal(torch.matmul(p0t, r))  # (..., n, 1): then its columns
+    return (r * p0 * c.transpose(-1, -2)).to(logits.dtype)
+
+
 class ManifoldHyperConnection(Connection):
-    """One sublayer's mHC (connections.md, mHC).
+    """One sublayer's mHC (docs/spec/connections.md, mHC).
 
     Parameters (state-dict names):
     - ``proj`` Linear(n D, n + n + n^2) without bias: output columns [W_pre | W_post | W_res (row-major i, j)];
@@ -100,22 +132,36 @@ class ManifoldHyperConnection(Connection):
         c = math.log(RES_DIAG_INIT / (1 - RES_DIAG_INIT) * (n - 1))
         self.res_bias.copy_(c * torch.eye(n, device=device))
 
-    def coefficients(self, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(H_pre (B, L, n), H_res (B, L, n, n), H_post (B, L, n)) for ``state`` (B, L, n, D)."""
+    def _logits(self, state: Tensor) -> Tensor:  # (B, L, n, D) -> (B, L, 2n + n^2)
+        """proj(RMSNorm(x)) = proj(x) / rms(x): the norm's per-token factor applied after the projection, so
+        the normalised n D-wide input is never built nor saved for backward (mHC section 4.3 reorders it the
+        same way)."""
+        x = state.flatten(-2)  # (B, L, n D), a view when the state is contiguous
+        inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # (B, L, 1)
+        return self.proj(x) * inv_rms
+
+    def _logits_reference(self, state: Tensor) -> Tensor:
+        return self.proj(F.rms_norm(state.flatten(-2), (self.rate * self.dim,), eps=1e-6))
+
+    def coefficients(self, state: Tensor, fast: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """(H_pre (B, L, n), H_res (B, L, n, n), H_post (B, L, n)) for ``state`` (B, L, n, D).
+
+        ``fast``: the RMSNorm folded behind the projection and Sinkhorn in ``sinkhorn_fast``; otherwise the
+        plain formula: RMSNorm, projection, autograd through the log-domain ``sinkhorn`` (the reference)."""
         n = self.rate
-        x = F.rms_norm(state.flatten(-2), (n * self.dim,), eps=1e-6)  # (B, L, n D)
-        z = self.proj(x)  # (B, L, 2n + n^2)
+        z = self._logits(state) if fast else self._logits_reference(state)
         pre = torch.sigmoid(self.pre_scale * z[..., :n] + self.pre_bias)
         post = 2 * torch.sigmoid(self.post_scale * z[..., n : 2 * n] + self.post_bias)
         res_logits = self.res_scale * z[..., 2 * n :].unflatten(-1, (n, n)) + self.res_bias
-        return pre, sinkhorn(res_logits, self.sinkhorn_iters), post
+        project = sinkhorn_fast if fast else sinkhorn
+        return pre, project(res_logits, self.sinkhorn_iters), post
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, n, D) -> (B, L, n, D)
-        pre, res, post = self.coefficients(state)
-        h0 = torch.einsum("...nd,...n->...d", state, pre)  # (B, L, D)
-        out = branch(h0)  # (B, L, D)
-        mixed = torch.einsum("...id,...ij->...jd", state, res)  # (B, L, n, D)
-        return mixed + post.unsqueeze(-1) * out.unsqueeze(-2)
+        return mix_streams(state, *self.coefficients(state), branch)
+
+    def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
+        """The plain path: log-domain Sinkhorn under autograd, einsum read/mix/write."""
+        return mix_streams_reference(state, *self.coefficients(state, fast=False), branch)
 
     def flops(self, num_tokens: int) -> int:
         """Per token: projection n D (n^2 + 2n), read/mix/write n (n + 2) D, Sinkhorn 2 iters n^2."""
@@ -135,4 +181,4 @@ def build_connection(cfg: ConnectionConfig, dim: int, layer_index: int, sublayer
     return ManifoldHyperConnection(dim, cfg.rate, 2 * layer_index + sublayer_index, cfg.sinkhorn_iters)
 
 
-__all__ = ["ManifoldHyperConnection", "build_connection", "build_stream", "sinkhorn"]
+__all__ = ["ManifoldHyperConnection", "build_connection", "build_stream", "sinkhorn", "sinkhorn_fast"]

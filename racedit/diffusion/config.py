@@ -1,4 +1,4 @@
-"""Configuration of the diffusion objective (race-dit.md section 8: both DiT's DDPM and SiT-style flow).
+"""Configuration of the diffusion objective (docs/spec/race-dit.md section 8: both DiT's DDPM and SiT-style flow).
 
 Time conventions (one direction for both objectives, so a checkpoint's timestep embedding always
 means "more noise" for larger t):

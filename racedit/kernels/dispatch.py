@@ -1,4 +1,4 @@
-"""The one switch between the Triton kernels and the PyTorch reference (kernels.md, design.md).
+"""The one switch between the Triton kernels and the PyTorch reference (docs/spec/kernels.md, design.md).
 
 Callers (the MoE layer) use only these functions. ``impl``:
 - ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference otherwise;
@@ -66,7 +66,7 @@ def race_plan(
     ties: Ties = "index",
     impl: Impl = "auto",
 ) -> RoutePlan:
-    """Expert race over all T*E scores at once, fused with the layout (kernels.md).
+    """Expert race over all T*E scores at once, fused with the layout (docs/spec/kernels.md).
 
     scores (T, E) are the gated router scores G(s): selection and gate values use the same numbers.
     Training: ``k_total`` = K = k*T, exact top-K over the flattened scores (ties: lowest flat index

@@ -1,4 +1,4 @@
-"""PyTorch reference of the MoE routing layout and expert computation (kernels.md).
+"""PyTorch reference of the MoE routing layout and expert computation (docs/spec/kernels.md).
 
 These functions define the semantics; the Triton kernels in this package must agree with them
 (integers exactly, floats within dtype tolerance). They run on any device and are the CPU
@@ -61,7 +61,7 @@ class _GatherGates(torch.autograd.Function):
     """``sorted_gate = scores[sorted_token, sorted_expert]``; dScores[t, e] = dGate[slot[t, e]] or 0.
 
     Every (t, e) owns at most one slot, so the backward is a dense gather + write with no
-    scatter/atomics (kernels.md, "Backward reuses slot"). ``values`` lets a kernel pass the gates it
+    scatter/atomics (docs/spec/kernels.md, "Backward reuses slot"). ``values`` lets a kernel pass the gates it
     already wrote during its scatter.
     """
 
@@ -131,7 +131,7 @@ def check_scores(scores: Tensor) -> None:
 def race_plan(
     scores: Tensor, k_total: int | None = None, tau: Tensor | float | None = None, ties: Ties = "index"
 ) -> RoutePlan:
-    """Expert race over all T*E scores (race-dit.md section 3; kernels.md "What the kernel computes").
+    """Expert race over all T*E scores (docs/spec/race-dit.md section 3; docs/spec/kernels.md "What the kernel computes").
 
     Training (``k_total`` = K): exact top-K of the flattened scores, ties broken by lowest flat index
     t*E+e (``ties="index"``) or every score >= the K-th value kept (``ties="all"``); -0.0 == +0.0.

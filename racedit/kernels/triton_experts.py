@@ -1,4 +1,4 @@
-"""Triton expert computation: grouped GEMMs over the plan's expert groups, and the combine (kernels.md).
+"""Triton expert computation: grouped GEMMs over the plan's expert groups, and the combine (docs/spec/kernels.md).
 
 Forward (K selected pairs, expert-major):
   z = x[sorted_token] @ w1[e] + b1[e]        grouped GEMM, the gather happens inside the A loads

@@ -1,4 +1,4 @@
-"""Triton kernels for the Expert Race routing layout (kernels.md, "Design that needs no sort").
+"""Triton kernels for the Expert Race routing layout (docs/spec/kernels.md, "Design that needs no sort").
 
 Pipeline (training, exact-K): 4 radix passes that find the K-th largest key, a tie pass (does no work
 unless ties straddle the cut), count, scan, scatter. Threshold (inference) and mask modes: count,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from racedit.config.core import deep_merge
 from racedit.models.config import ModelConfig
 from racedit.models.dit import DiT
 from racedit.models.errors import CheckpointError
@@ -264,7 +265,7 @@ def read_diffusers(path: str | Path, **overrides: Any) -> tuple[ModelConfig, dic
             DiffusersExportWarning,
             stacklevel=3,
         )
-    cfg = resolve_model_config(None, **{**kwargs, **overrides})
+    cfg = resolve_model_config(None, **deep_merge(kwargs, overrides))
     grid = cfg.input_size // cfg.patch_size
     state = state_dict_from_diffusers(
         read_diffusers_weights(folder), cfg.depth, cfg.hidden_size, grid, source=str(folder)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,9 @@ from torch import Tensor, nn
 
 from racedit.config.core import from_dict
 from racedit.connections import build_connection, build_stream
-from racedit.connections.config import ConnectionConfig
 from racedit.models.aux import ForwardAux
 from racedit.models.config import ModelConfig
 from racedit.models.ffn import FeedForward, Mlp
-from racedit.moe.config import MoEConfig
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -203,7 +200,8 @@ class DiT(ModelMixin, ConfigMixin):
     """Class-conditional diffusion transformer; ``model(x, t, y) -> (B, out_channels, H, W)``.
 
     Saved as ``config.json`` + ``model.safetensors`` by ``save_pretrained``; ``from_pretrained``
-    rebuilds it. ``self.arch`` is the typed ``ModelConfig``.
+    rebuilds it. ``self.arch`` is the typed ``ModelConfig`` every caller reads; ``self.config`` is
+    diffusers' plain copy of the same arguments, kept only for ``save_pretrained``/``from_pretrained``.
     """
 
     config_name = "config.json"
@@ -228,22 +226,13 @@ class DiT(ModelMixin, ConfigMixin):
         connection: dict[str, Any] | None = None,
     ):
         super().__init__()
-        arch = ModelConfig(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            num_classes=num_classes,
-            class_dropout_prob=class_dropout_prob,
-            learn_sigma=learn_sigma,
-            timestep_convention=timestep_convention,
-            mlp_norm_eps=mlp_norm_eps,
-            moe=from_dict(MoEConfig, moe, "moe") if moe is not None else None,
-            connection=from_dict(ConnectionConfig, connection or {}, "connection"),
-        )
+        # The signature above is what diffusers' ConfigMixin serialises (config.json); ``register_to_config``
+        # has already stored the arguments in ``self.config``. The one typed view of them is ``self.arch``,
+        # validated by the config core (a test keeps the signature and ModelConfig's fields equal).
+        given = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        if given.get("connection") is None:  # None = the plain residual connection
+            given.pop("connection", None)
+        arch = from_dict(ModelConfig, given)
         self.arch = arch
         D = arch.hidden_size
         self.gradient_checkpointing = False
@@ -342,6 +331,15 @@ class DiT(ModelMixin, ConfigMixin):
         for module in self.modules():
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
+        with torch.no_grad():  # hyper-connections: output projections' std x sqrt(n) (docs/design.md)
+            for block in self.blocks:
+                for conn, weights in (
+                    (block.conn_attn, [block.attn.proj.weight]),
+                    (block.conn_mlp, block.mlp.output_weights()),
+                ):
+                    if conn.output_init_gain != 1.0:
+                        for w in weights:
+                            w.mul_(conn.output_init_gain)
 
     # ---------------------------------------------------------------------------- forward
 
@@ -422,13 +420,6 @@ class DiT(ModelMixin, ConfigMixin):
             (other if param.ndim < 2 or name in no_decay else decay).append(param)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.arch
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.arch)
 
 
 #################################################################################

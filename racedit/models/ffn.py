@@ -26,6 +26,10 @@ class FeedForward(nn.Module):
         """Parameters that a token does not use on average (experts not selected)."""
         return 0
 
+    def output_weights(self) -> list[Tensor]:
+        """The weights of the slot's output projection(s), which a connection may rescale at init."""
+        raise NotImplementedError
+
 
 class Mlp(FeedForward):
     """DiT's MLP: Linear(D, H) -> GELU(tanh) -> Linear(H, D). Key names match facebookresearch/DiT."""
@@ -41,3 +45,6 @@ class Mlp(FeedForward):
 
     def flops(self, num_tokens: int) -> int:
         return 2 * num_tokens * self.fc1.in_features * self.fc1.out_features
+
+    def output_weights(self) -> list[Tensor]:
+        return [self.fc2.weight]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from racedit.config.core import to_dict
+from racedit.config.core import deep_merge, to_dict
 from racedit.io import MANIFEST, sha256_file
 from racedit.models.config import ModelConfig
 from racedit.models.dit import DiT
@@ -59,7 +59,7 @@ def build_model(name: str | None = None, config: ModelConfig | None = None, **ov
     if config is not None:
         if name is not None:
             raise ValueError("pass either a registry name or a ModelConfig, not both")
-        cfg = resolve_model_config(None, **{**to_dict(config), **overrides})
+        cfg = resolve_model_config(None, **deep_merge(to_dict(config), overrides))
     else:
         cfg = resolve_model_config(name, **overrides)
     return DiT(**model_kwargs(cfg))
@@ -174,7 +174,7 @@ def _load_directory(path: Path, overrides: dict[str, Any], verify: bool = True) 
             if overrides:
                 cfg_json = json.loads((candidate / "config.json").read_text())
                 kwargs = {k: v for k, v in cfg_json.items() if not k.startswith("_")}
-                cfg = resolve_model_config(None, **{**kwargs, **overrides})
+                cfg = resolve_model_config(None, **deep_merge(kwargs, overrides))
                 model = DiT(**model_kwargs(cfg))
                 from safetensors.torch import load_file
 
@@ -262,8 +262,7 @@ def infer_config(state: dict[str, torch.Tensor], **overrides: Any) -> ModelConfi
             "this state dict has no dense MLP (blocks.0.mlp.fc1); MoE checkpoints are racedit model directories "
             "with a config.json: load those by directory"
         )
-    kwargs.update(overrides)
-    return resolve_model_config(None, **kwargs)
+    return resolve_model_config(None, **deep_merge(kwargs, overrides))
 
 
 def load_state_dict_checked(model: DiT, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,4 +1,4 @@
-"""Configuration of a Mixture-of-Experts feed-forward (race-dit.md sections 2-5)."""
+"""Configuration of a Mixture-of-Experts feed-forward (docs/spec/race-dit.md sections 2-5)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class MoEConfig:
     k: int = 2  # experts activated per token on average
     hidden_split: int | None = None  # g: each expert is D -> mlp_ratio*D/g -> D; None means g = k
     every: int = 1  # every n-th block is MoE (blocks n-1, 2n-1, ...); 1 = all blocks
-    router: Router = "race"  # routing strategy (race-dit.md section 3)
+    router: Router = "race"  # routing strategy (docs/spec/race-dit.md section 3)
     gating: Gating = "identity"  # gating function G applied to router scores
     ties: Literal["index", "all"] = "index"  # exact K (lowest flat index wins) or keep every tie
     threshold_decay: float = 0.95  # EMA decay of the learnable threshold tau (expert race)

@@ -1,11 +1,11 @@
-"""The Mixture-of-Experts feed-forward that fills a DiT block's MLP slot (race-dit.md sections 2-5).
+"""The Mixture-of-Experts feed-forward that fills a DiT block's MLP slot (docs/spec/race-dit.md sections 2-5).
 
 For tokens h (B, L, D), T = B*L:
 
     u = GELU(h W1 + b1)                   router trunk, (T, D)
     s = u Wg + bg                         gating-head logits, (T, E)
     g = G(s)                              gated scores: identity / sigmoid / softmax over E
-    M = strategy(g)                       selection mask (T, E), race-dit.md section 3
+    M = strategy(g)                       selection mask (T, E), docs/spec/race-dit.md section 3
     y_n = sum_e M[n,e] g[n,e] Expert_e(h_n)     no renormalisation, no capacity limit
 
 Decisions (documented here, tested in tests/moe):
@@ -99,6 +99,9 @@ class MoEFeedForward(FeedForward):
         nn.init.uniform_(self.w2, -bound, bound)
         nn.init.zeros_(self.b1)
         nn.init.zeros_(self.b2)
+
+    def output_weights(self) -> list[Tensor]:
+        return [self.w2]  # (E, H, D): every expert's output projection
 
     def no_weight_decay(self) -> set[str]:
         return {"b1", "b2"}  # stacked biases are 2-D; keep them out of weight decay like other biases

@@ -1,6 +1,6 @@
 """Auxiliary losses of the MoE layers: PLR, router-similarity loss, Switch balance loss.
 
-race-dit.md sections 4-5. Every MoE layer appends one record to ``ForwardAux.layers`` (see
+docs/spec/race-dit.md sections 4-5. Every MoE layer appends one record to ``ForwardAux.layers`` (see
 ``racedit/moe/layer.py``); ``aux_losses`` turns the records into weighted terms that the trainer adds to
 the diffusion loss:
 
@@ -46,7 +46,7 @@ def plr_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 def router_similarity_loss(logits: Tensor, mask: Tensor) -> Tensor:
-    """RSL (race-dit.md section 5): logits s (N, E) with grad, mask M (N, E) bool -> scalar.
+    """RSL (docs/spec/race-dit.md section 5): logits s (N, E) with grad, mask M (N, E) bool -> scalar.
 
     P = softmax_E(s); P' = P^T P; M' = M^T M (no grad, summed over ranks);
     W_ii = E * M'_ii / sum_j M'_jj;  W_ij = (E^2 - E) * M'_ij / sum_{a!=b} M'_ab  (i != j);

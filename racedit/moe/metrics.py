@@ -1,4 +1,4 @@
-"""Routing metrics and the layer x timestep allocation heatmap (race-dit.md section 6).
+"""Routing metrics and the layer x timestep allocation heatmap (docs/spec/race-dit.md section 6).
 
 - MaxVio = (max_e load_e - mean load) / mean load, per layer.
 - Combination usage: the co-activated expert pairs (i < j) over all tokens, sorted by count descending,

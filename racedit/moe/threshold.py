@@ -1,4 +1,4 @@
-"""The learnable threshold of expert race (race-dit.md section 3).
+"""The learnable threshold of expert race (docs/spec/race-dit.md section 3).
 
 Each MoE layer owns a ``Threshold`` with two persistent buffers (saved by ``state_dict`` and
 ``save_pretrained``):

@@ -1,6 +1,6 @@
 """Routing strategies: "top-K along some dims of the scores, independently over the rest".
 
-race-dit.md section 3. Scores have shape (B, L, E) (samples, tokens, experts). Each strategy is one
+docs/spec/race-dit.md section 3. Scores have shape (B, L, E) (samples, tokens, experts). Each strategy is one
 ``GroupedTopK`` object that names the dims it selects over; everything else is independent groups:
 
 | strategy | independent over | top-K over | K            |
@@ -134,5 +134,5 @@ def get_strategy(name: str) -> GroupedTopK:
 
 
 def select(scores: Tensor, strategy: str, k: int, ties: Ties = "index") -> Tensor:
-    """Training-mode selection: scores (B, L, E) -> bool mask (B, L, E) (race-dit.md section 3)."""
+    """Training-mode selection: scores (B, L, E) -> bool mask (B, L, E) (docs/spec/race-dit.md section 3)."""
     return get_strategy(strategy).select(scores, k, ties).mask

@@ -9,9 +9,10 @@ sample: {every: 10000, classes: [207, 360, 387, 974, 88, 979, 417, 279]}
 log: {every: 100, trackers: [tensorboard]}
 ```
 
-``model`` stays a mapping here because its defaults come from the registry name and the dataset
-(``input_size``, ``in_channels`` and ``num_classes`` default to the data's shape and classes); it is
-validated by ``resolve_model_config`` when the run is built (an unknown key is still an error).
+``model`` is a ``racedit.models.registry.ModelSection``: the zoo name is a preset expanded once into a
+typed ModelConfig when the file is read (explicit keys refine it; a key that contradicts the name is an
+error naming both). ``input_size``, ``in_channels`` and ``num_classes`` default to the data's shape and
+classes, ``learn_sigma`` to the objective's; the run binds them when it opens its dataset.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from racedit.config.core import load_config
 from racedit.data.config import DataConfig
 from racedit.diffusion.config import DiffusionConfig
+from racedit.models.registry import ModelSection
 
 
 @dataclass
@@ -40,7 +42,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    fused: bool | None = None  # None = fused AdamW when every parameter is on CUDA
+    # AdamW implementation: auto = the one measured fastest on the device (racedit/training/optim.py)
+    optimizer_impl: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
     max_grad_norm: float | None = None  # gradient clipping (None = off, DiT's recipe)
     # --- schedule: linear warmup, then constant or cosine down to lr * min_lr_ratio ----------
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -149,7 +152,7 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "RaceDiT-B/2-2in8"})
+    model: ModelSection = field(default_factory=ModelSection)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

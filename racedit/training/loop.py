@@ -6,7 +6,7 @@ Reads top to bottom (``Trainer.run``):
 2. builds the model (registry name + overrides, shapes from the dataset), objective, EMA (fp32), AdamW
    with the model's parameter groups, warmup + constant/cosine LR, the per-process batch stream;
 3. resumes model, EMA, optimizer, scheduler, step, data position and every RNG from a checkpoint;
-4. each step: ``grad_accum`` micro-batches of ``L = L_diffusion + sum(MoE aux terms)`` (race-dit.md
+4. each step: ``grad_accum`` micro-batches of ``L = L_diffusion + sum(MoE aux terms)`` (docs/spec/race-dit.md
    sections 4-5; the MoE layers record into a ``ForwardAux``), backward, global-norm clip, AdamW step,
    EMA update; the loss is averaged over processes before it is checked for NaN/inf and logged;
 5. every N steps: logged scalars, a labelled sample grid from the EMA model, routing metrics and the
@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from racedit.config.core import ConfigError, to_dict
 from racedit.io import write_manifest
-from racedit.models import DiT, ForwardAux, ModelConfig, resolve_model_config, save_model
+from racedit.models import DiT, ForwardAux, ModelConfig, save_model
 from racedit.models.loading import model_kwargs
+from racedit.models.registry import ModelSection, model_name
 from racedit.training import checkpoint as ckpt
 from racedit.training import resume as resuming
 from racedit.training.config import RunConfig
@@ -81,27 +82,11 @@ def check_output_dir(path: Path) -> Path:
     return path
 
 
-def resolve_run_model(model_section: dict[str, Any], dataset: Any, objective_kind: str) -> ModelConfig:
+def resolve_run_model(model_section: ModelSection, dataset: Any, objective_kind: str) -> ModelConfig:
     """The ``model:`` section -> ModelConfig. ``input_size``, ``in_channels`` and ``num_classes`` default to
     the dataset's; ``learn_sigma`` defaults to the objective's (DDPM learns sigma, flow matching does not).
     A dataset whose sample shape differs from explicitly given model sizes is an error naming both."""
-    section = dict(model_section)
-    name = section.pop("name", None)
-    C, H, W = (int(v) for v in dataset.sample_shape)
-    if H != W:
-        raise ConfigError(f"the dataset's samples are {H}x{W}; the DiT needs square inputs")
-    defaults = {"input_size": H, "in_channels": C, "num_classes": int(dataset.num_classes)}
-    for key, value in defaults.items():
-        given = section.get(key)
-        if given is not None and given != value:
-            raise ConfigError(
-                f"the dataset does not match the model: data samples have shape (C, H, W) = ({C}, {H}, {W}) "
-                f"and {dataset.num_classes} classes, but model.{key} = {given} (dataset value: {value}). "
-                f"Remove model.{key} to take it from the data, or use the data this model was meant for"
-            )
-        section[key] = value
-    section.setdefault("learn_sigma", objective_kind == "ddpm")
-    return resolve_model_config(name, **section)
+    return model_section.bind(dataset.sample_shape, dataset.num_classes, objective_kind == "ddpm")
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -220,13 +205,15 @@ class Trainer:
         if tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-        fused = tc.fused if tc.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
+        from racedit.training.optim import build_adamw
+
+        optimizer, self.optimizer_impl = build_adamw(
             model.optimizer_param_groups(tc.weight_decay),
             lr=tc.lr,
             betas=(tc.adam_beta1, tc.adam_beta2),
             eps=tc.adam_eps,
-            fused=fused or None,
+            impl=tc.optimizer_impl,
+            device=self.device,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -266,11 +253,11 @@ class Trainer:
             self.routing = None
         counts = self.raw_model.param_counts()
         self.log(
-            f"model: {cfg.model.get('name', 'custom')} ({counts['block_params_total'] / 1e6:.2f}M block params, "
+            f"model: {model_name(self.model_cfg)} ({counts['block_params_total'] / 1e6:.2f}M block params, "
             f"{counts['block_params_activated'] / 1e6:.2f}M activated), {self.objective.describe()}, "
             f"{len(self.dataset)} training samples of shape {tuple(self.dataset.sample_shape)}, "
             f"{self.world} process(es) x {self.micro_batch} x {tc.grad_accum} accumulation = "
-            f"{tc.global_batch_size} per step"
+            f"{tc.global_batch_size} per step, AdamW {self.optimizer_impl} (train.optimizer_impl={tc.optimizer_impl})"
         )
 
     def resume(self, model: DiT, optimizer: torch.optim.Optimizer) -> Path | None:
@@ -307,6 +294,9 @@ class Trainer:
         model.load_state_dict(loaded.model, strict=True)
         self.ema.load_state_dict(loaded.ema)
         optimizer.load_state_dict(loaded.optimizer)
+        from racedit.training.optim import keep_impl
+
+        keep_impl(optimizer, self.optimizer_impl)
         self.scheduler.load_state_dict(loaded.scheduler)
         resuming.reapply_hyperparameters(optimizer, self.scheduler, configured)
         state = loaded.state

@@ -1,4 +1,4 @@
-"""Connection modules on their own: the update rules of connections.md against loop-by-loop references,
+"""Connection modules on their own: the update rules of docs/spec/connections.md against loop-by-loop references,
 their identity init, parameter counts, FLOPs and configuration errors."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _randomize(module: torch.nn.Module, seed: int = 1) -> None:
 
 
 def _hc_reference(conn: HyperConnection, H: torch.Tensor, T) -> torch.Tensor:
-    """connections.md HC, written per stream: h0 = sum_i A_m[i] H_i; H_j <- B[j] T(h0) + sum_i A_r[i,j] H_i."""
+    """docs/spec/connections.md HC, written per stream: h0 = sum_i A_m[i] H_i; H_j <- B[j] T(h0) + sum_i A_r[i,j] H_i."""
     n = conn.rate
     Am = conn.static_pre.expand(B, L, n)
     Ar = conn.static_res.expand(B, L, n, n)
@@ -67,7 +67,7 @@ def _hc_reference(conn: HyperConnection, H: torch.Tensor, T) -> torch.Tensor:
 
 
 def _fc_reference(conn: FracConnection, h: torch.Tensor, T) -> torch.Tensor:
-    """connections.md FC, per fraction: h0 = concat_j sum_i Y[i,j] H_i; H_j <- B[j] T_out_j + sum_i A[i,j] H_i."""
+    """docs/spec/connections.md FC, per fraction: h0 = concat_j sum_i Y[i,j] H_i; H_j <- B[j] T_out_j + sum_i A[i,j] H_i."""
     m, f = conn.rate, D // conn.rate
     H = [h[..., i * f : (i + 1) * f] for i in range(m)]
     Y = conn.static_pre.expand(B, L, m, m).clone()
@@ -92,7 +92,7 @@ def _fc_reference(conn: FracConnection, h: torch.Tensor, T) -> torch.Tensor:
 
 
 def _mhc_reference(conn: ManifoldHyperConnection, H: torch.Tensor, T) -> torch.Tensor:
-    """connections.md mHC with the textbook Sinkhorn-Knopp (divide exp by row sums, then column sums)."""
+    """docs/spec/connections.md mHC with the textbook Sinkhorn-Knopp (divide exp by row sums, then column sums)."""
     n = conn.rate
     x = H.flatten(-2)
     x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # RMSNorm over n D
@@ -227,14 +227,16 @@ def test_fc_init_is_exactly_residual(rate: int) -> None:
 
 def test_streams_expand_and_collapse() -> None:
     h = torch.randn(B, L, D)
-    stream = build_stream(ConnectionConfig(kind="hc", rate=4), D)
-    state = stream.expand(h)
-    assert state.shape == (B, L, 4, D)
-    assert torch.equal(stream.collapse(state), h)  # the mean of equal copies: exact
-    different = torch.randn(B, L, 4, D)
-    torch.testing.assert_close(stream.collapse(different), different.mean(2))
-    with pytest.raises(ValueError, match="stream state"):
-        stream.collapse(torch.randn(B, L, 2, D))
+    # static HC keeps the streams first (n, B, L, D); dynamic HC and mHC token-major (B, L, n, D)
+    for cfg, axis in [(ConnectionConfig(kind="hc", rate=4), 0), (ConnectionConfig(kind="mhc", rate=4), 2)]:
+        stream = build_stream(cfg, D)
+        state = stream.expand(h)
+        assert state.shape == torch.Size([4, B, L, D] if axis == 0 else [B, L, 4, D])
+        assert torch.equal(stream.collapse(state), h)  # the mean of equal copies: exact
+        different = torch.randn(state.shape)
+        torch.testing.assert_close(stream.collapse(different), different.mean(axis))
+        with pytest.raises(ValueError, match="stream state"):
+            stream.collapse(torch.randn(B, L, 2, D).movedim(2, axis))
     for cfg in (ConnectionConfig(), ConnectionConfig(kind="fc", rate=4, dynamic=True)):
         s = build_stream(cfg, D)
         assert type(s) is Stream and s.expand(h) is h and s.collapse(h) is h

@@ -152,7 +152,7 @@ def test_accounting_flops_inactive_training_only():
     [("B", 0.531, 0.135), ("M", 1.106, 0.281), ("L", 1.889, 0.479), ("XL", 2.788, 0.707)],
 )
 def test_zoo_block_counts_match_paper(size, total, activated):
-    """race-dit.md section 7: 4-in-32 block parameters (routers included, PLR head excluded) within 0.5%."""
+    """docs/spec/race-dit.md section 7: 4-in-32 block parameters (routers included, PLR head excluded) within 0.5%."""
     with torch.device("meta"):
         model = build_model(f"RaceDiT-{size}/2-4in32", moe={"plr_weight": 1e-2})
     c = model.param_counts()

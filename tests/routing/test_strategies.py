@@ -1,4 +1,4 @@
-"""Routing strategies against a brute-force reference (race-dit.md section 3)."""
+"""Routing strategies against a brute-force reference (docs/spec/race-dit.md section 3)."""
 
 import itertools
 

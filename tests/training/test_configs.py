@@ -23,8 +23,7 @@ RUN_CONFIGS = [
 
 def resolved(path: Path):
     cfg = load_run_config(path)
-    section = dict(cfg.model)
-    return cfg, resolve_model_config(section.pop("name", None), **section)
+    return cfg, cfg.model.config  # the typed section: expanded and validated when the file was read
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -123,7 +122,7 @@ def test_overrides_and_unknown_keys() -> None:
     cfg = load_run_config(
         CONFIGS / "demo.yaml", ["train.lr=3e-4", "model.moe.router=token", "log.trackers=[]"]
     )
-    assert cfg.train.lr == 3e-4 and cfg.model["moe"]["router"] == "token" and cfg.log.trackers == []
+    assert cfg.train.lr == 3e-4 and cfg.model.config.moe.router == "token" and cfg.log.trackers == []
     with pytest.raises(ConfigError, match="train.lrr"):
         load_run_config(CONFIGS / "demo.yaml", ["train.lrr=1"])
     with pytest.raises(ConfigError, match="train.max_steps must be >= 1"):
@@ -145,3 +144,17 @@ def test_cli_help_explains_flags(capsys) -> None:
     out = capsys.readouterr().out
     for flag in ("--config", "--resume", "--print-config", "key=value"):
         assert flag in out
+
+
+def test_every_row_of_the_ablation_reproduction_resolves_to_the_model_it_names() -> None:
+    """The dense row writes ``moe: null`` (the base's MoE section would contradict DiT-S/2); no row needs
+    the driver to patch its config."""
+    from experiments.ablation import load_ablation, run_config
+    from racedit.config.core import from_dict
+    from racedit.training.config import RunConfig
+
+    ablation = load_ablation(CONFIGS / "repro" / "ablation_digits.yaml")
+    names = {v.name: from_dict(RunConfig, run_config(ablation, v, 0)).model.name for v in ablation.variants}
+    assert names["dense"] == "DiT-custom(d4,w128,h4)/2"
+    assert names["race_full"] == names["token"] == "RaceDiT-custom(d4,w128,h4)/2-2in8"
+    assert names["balance_none_4in32"] == "RaceDiT-custom(d4,w128,h4)/2-4in32"

@@ -32,11 +32,9 @@ FAMILIES = {
 def test_loss_decreases_on_a_fixed_batch(family: str, tmp_path: Path, one_thread) -> None:
     model, objective = FAMILIES[family]
     model = {**model, "hidden_size": 32, "depth": 2, "num_heads": 2}
-    cfg = from_dict(
-        RunConfig,
-        tiny_run(tmp_path / "run", model=model, diffusion={"objective": objective}, train={"lr": 3e-3}),
-    )
-    cfg.model = model  # replace (tiny_run merges the default MoE section into dense models otherwise)
+    run = tiny_run(tmp_path / "run", diffusion={"objective": objective}, train={"lr": 3e-3})
+    run["model"] = model  # replace the tiny default (a 2-in-8 MoE section would contradict a dense name)
+    cfg = from_dict(RunConfig, run)
     trainer = Trainer(cfg)
     trainer.setup()
     trainer.consecutive_skips = 0
@@ -63,9 +61,10 @@ def test_loss_decreases_on_a_fixed_batch(family: str, tmp_path: Path, one_thread
 
 
 def _setup(tmp_path: Path, model: dict | None = None, **train) -> Trainer:
-    cfg = from_dict(RunConfig, tiny_run(tmp_path / "run", train={"lr": 1e-3, **train}))
+    run = tiny_run(tmp_path / "run", train={"lr": 1e-3, **train})
     if model is not None:
-        cfg.model = model
+        run["model"] = model
+    cfg = from_dict(RunConfig, run)
     trainer = Trainer(cfg)
     trainer.setup()
     trainer.consecutive_skips = 0
