@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -377,7 +378,7 @@ class DryRun:
         trainable = sum(p.numel() for p in meta_model.parameters() if p.requires_grad)
         del meta_model
         self.report.params_total, self.report.params_trainable = total, trainable
-        name = self.cfg.model.get("name", "custom")
+        name = self.cfg.model.name
         need = total * sum(STATE_BYTES_PER_PARAM.values())
         avail, where = available_memory()
         self.say(
@@ -392,7 +393,8 @@ class DryRun:
             return run_cfg
         depth = 2 if mc.moe is None else max(2, mc.moe.every)
         self.report.full_model_run = False
-        run_cfg.model = dict(self.cfg.model, depth=depth)
+        section = self.cfg.model
+        run_cfg.model = dataclasses.replace(section, config=dataclasses.replace(section.config, depth=depth))
         self.say(
             f"the training state does not fit in {FIT_FRACTION:.2f} of {where}: counted on the meta device; the "
             f"steps below run on a copy with {depth} blocks at width {mc.hidden_size} (same blocks, same loss "

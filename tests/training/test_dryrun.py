@@ -55,8 +55,8 @@ def latents(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small_config(tmp_path: Path, latents: Path, **sections) -> Path:
     cfg = {
-        "model": {"name": "RaceDiT-S/2-2in8", "hidden_size": 32, "depth": 2, "num_heads": 2,
-                  "moe": {"plr_weight": 0.01, "rsl_weight": 1.0e-4}, "connection": {"kind": "hc", "rate": 2}},
+        "model": {"name": "RaceDiT-S/2-2in8-HCx2", "hidden_size": 32, "depth": 2, "num_heads": 2,
+                  "moe": {"plr_weight": 0.01, "rsl_weight": 1.0e-4}},
         "diffusion": {"objective": "flow"},
         "data": {"kind": "latents", "root": str(latents)},
         "train": {"output_dir": str(tmp_path / "run"), "global_batch_size": 8, "lr": 1e-3},
@@ -81,9 +81,8 @@ def test_dry_run_passes_on_a_good_launch(tmp_path, latents, capsys):
     assert len(report.step_times) == 2 and all(t > 0 for t in report.step_times)
     # the counts are those of the model the run builds (3 classes and 4x4x4 inputs taken from the data)
     mc = resolve_model_config(
-        "RaceDiT-S/2-2in8", hidden_size=32, depth=2, num_heads=2, input_size=4, in_channels=4,
+        "RaceDiT-S/2-2in8-HCx2", hidden_size=32, depth=2, num_heads=2, input_size=4, in_channels=4,
         num_classes=3, learn_sigma=False, moe={"plr_weight": 0.01, "rsl_weight": 1.0e-4},
-        connection={"kind": "hc", "rate": 2},
     )  # fmt: skip
     model = DiT(**model_kwargs(mc))
     assert report.params_total == sum(p.numel() for p in model.parameters())
