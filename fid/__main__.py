@@ -41,6 +41,13 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
         "the numbers are not FIDs and the leaderboard ignores such records)",
     )
     g.add_argument(
+        "--features",
+        metavar="MODULE:CALLABLE",
+        default=None,
+        help="for tests only: a stand-in feature network instead of the Inception (package.module:callable or "
+        "file.py:callable; interface in fid/network.py). Its numbers are not FIDs and are recorded as such",
+    )
+    g.add_argument(
         "--batch-size", type=positive_int, default=64, help="images per Inception forward pass per process"
     )
     g.add_argument("--device", default=None, help="torch device (default: the process's GPU, else CPU)")
@@ -71,6 +78,10 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
 def _build_model(args: argparse.Namespace):
     from fid.inception import InceptionFeatures
 
+    if args.features is not None:
+        from fid.network import load_feature_network
+
+        return load_feature_network(args.features)
     if args.random_inception is not None:
         return InceptionFeatures.random_init(args.random_inception)
     return InceptionFeatures.from_weights(args.inception_weights)
@@ -146,7 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = write_record(record, args.out or default_record_path(args.samples, args.ref))
     if not model.is_reference_network:
-        print("WARNING: random-init Inception: these numbers are not FIDs", file=sys.stderr)
+        print(
+            f"WARNING: {model.identity} is not the reference Inception: these numbers are not FIDs",
+            file=sys.stderr,
+        )
     rows = [
         ("FID", result.fid),
         ("sFID", result.sfid),
@@ -190,7 +204,12 @@ def cmd_ref(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from fid.leaderboard import write_leaderboard
 
-    paths = write_leaderboard(args.records, args.out_dir, include_published=not args.no_published)
+    paths = write_leaderboard(
+        args.records,
+        args.out_dir,
+        include_published=not args.no_published,
+        include_test_records=args.include_test_records,
+    )
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -310,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="assets/leaderboard", help="where leaderboard.{md,csv,png} go")
     p.add_argument(
         "--no-published", action="store_true", help="leave out the published rows of docs/spec/evaluation.md"
+    )
+    p.add_argument(
+        "--include-test-records",
+        action="store_true",
+        help="also list records made with a random-init Inception or a stand-in network (--features), their "
+        "notes marked 'not an FID' (pipeline tests only)",
     )
     add_debug_flag(p)
     p.set_defaults(func=cmd_leaderboard)

@@ -126,13 +126,28 @@ class FolderImages:
     image_shape: tuple[int, int, int] = field(init=False)
     settings: dict[str, Any] | None = None
     settings_path: Path | None = None
+    skipped: list[str] = field(default_factory=list)  # files with an image suffix that PIL cannot identify
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
-        self.files = sorted(
+        found = sorted(
             (p for p in self.root.rglob("*") if is_image_file(p.name) and p.is_file()),
             key=lambda p: p.relative_to(self.root).as_posix(),
         )
+        self.files = []
+        for p in found:  # header only: a file that is not an image at all is left out, with a warning
+            try:
+                with Image.open(p):
+                    pass
+                self.files.append(p)
+            except (OSError, SyntaxError, ValueError) as err:
+                self.skipped.append(f"{p.relative_to(self.root).as_posix()} ({type(err).__name__})")
+        if self.skipped:
+            warnings.warn(
+                f"{len(self.skipped)} file(s) under {self.root} are not readable images and are left out: "
+                f"{', '.join(self.skipped[:5])}{' ...' if len(self.skipped) > 5 else ''}",
+                stacklevel=2,
+            )
         if not self.files:
             raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
         self.num_images = len(self.files)

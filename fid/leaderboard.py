@@ -145,21 +145,28 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def gather_rows(
-    record_paths: list[str | os.PathLike], include_published: bool = True
+    record_paths: list[str | os.PathLike], include_published: bool = True, include_test_records: bool = False
 ) -> list[dict[str, Any]]:
-    """Rows of every valid record (+ the published ones), sorted by FID."""
+    """Rows of every valid record (+ the published ones), sorted by FID. Records whose features did not
+    come from the reference Inception are skipped, or with ``include_test_records`` kept and marked."""
     rows = published_rows() if include_published else []
     for path in find_records(record_paths):
         record = json.loads(Path(path).read_text())
         if record.get("schema") != SCHEMA:
             warnings.warn(f"{path}: not a {SCHEMA} record, skipped", stacklevel=2)
             continue
-        if not record["evaluator"].get("comparable_with_literature"):
+        test_network = not record["evaluator"].get("comparable_with_literature")
+        if test_network and not include_test_records:
             warnings.warn(
-                f"{path}: evaluated with a random-init Inception (a test run), skipped", stacklevel=2
+                f"{path}: evaluated with a random-init Inception or a stand-in network (a test run), skipped",
+                stacklevel=2,
             )
             continue
-        rows.append(record_row(record))
+        row = record_row(record)
+        if test_network:
+            mark = f"test network {record['evaluator'].get('network')}: not an FID"
+            row["notes"] = f"{mark}; {row['notes']}" if row["notes"] else mark
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["fid"] is None, r["fid"] or 0.0))
 
 
@@ -234,10 +241,13 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
 
 
 def write_leaderboard(
-    record_paths: list[str | os.PathLike], out_dir: str | os.PathLike, include_published: bool = True
+    record_paths: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    include_published: bool = True,
+    include_test_records: bool = False,
 ) -> dict[str, Path]:
     """Writes ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.png`` into ``out_dir``."""
-    rows = gather_rows(record_paths, include_published)
+    rows = gather_rows(record_paths, include_published, include_test_records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {

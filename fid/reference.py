@@ -110,6 +110,7 @@ def build_reference(
         "subset_seed": seed,
         "image_size": image_size,
         "network": model.identity,
+        "skipped_unreadable": list(getattr(src, "skipped", [])),
     }
     out = Path(out)
     if process_rank() != 0:

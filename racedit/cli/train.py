@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved run config as YAML and exit"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check this launch on this machine in minutes (config, data, model, 2 steps, checkpoint, grid, "
+        "memory per GPU) and list what a real run would fail on; exit 0 only when nothing is",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=None, help="with --dry-run: processes of the real launch"
+    )
     add_debug_flag(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-3")
     return p
@@ -73,6 +82,16 @@ def _main(argv: list[str] | None = None) -> int:
     from racedit.training.config import load_run_config
 
     cfg = load_run_config(args.config, args.overrides)
+    if args.dry_run:
+        from racedit.training.dryrun import dry_run
+
+        return dry_run(
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            world_size=args.world_size,
+            config_path=args.config,
+        )
     if args.print_config:
         import yaml
 
