@@ -378,7 +378,11 @@ class Trainer:
             x, y = next(self.stream)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == tc.grad_accum - 1
-            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+            # DDP all-reduces every micro-batch's gradient: torch's reducer asserts
+            # (expect_autograd_hooks_) when no_sync is used with the static graph this trainer needs (see
+            # __init__). Exact, since the accumulated part is already equal on every process; it costs
+            # grad_accum x the gradient communication. FSDP skips the reduction until the last micro-batch.
+            sync = contextlib.nullcontext()
             if self.fsdp:
                 from racedit.training.sharded import gradient_sync
 

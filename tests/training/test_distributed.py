@@ -123,3 +123,25 @@ def test_two_process_cpu_run(tmp_path: Path) -> None:
         "rank_00001.pt",
     ]
     assert sys.executable  # the processes ran under this interpreter
+
+
+@pytest.mark.timeout(900)  # a bound on a hang, not a timing check
+def test_two_process_gradient_accumulation(tmp_path: Path) -> None:
+    """DDP with grad_accum > 1 trains (torch's reducer used to assert under no_sync with the static graph)
+    and keeps both ranks' weights bitwise identical."""
+    cfg = tiny_run(tmp_path / "run", train={"max_steps": 2, "grad_accum": 2, "checkpoint_every": 2})
+    config = write_config(tmp_path / "run.yaml", cfg)
+    script = tmp_path / "ddp_script.py"
+    script.write_text(SCRIPT)
+    r = run_python(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(config)]
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(tmp_path / "run" / f"weights_rank{i}.safetensors") for i in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2] and all(
+        torch.isfinite(torch.tensor(r["loss"])) for r in logged
+    )
