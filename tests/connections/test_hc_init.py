@@ -42,7 +42,7 @@ def test_hc_output_projections_start_sqrt_n_wider(base: str, rate: int) -> None:
 
 def test_scaling_can_be_switched_off_and_other_connections_keep_dit_init() -> None:
     residual = _build("DiT-S/2")
-    off = _build("DiT-S/2", kind="hc", rate=4, scale_output_init=False)
+    off = _build("DiT-S/2-HCx4", scale_output_init=False)  # the name states the connection, a key refines it
     assert all(torch.equal(off[k], v) for k, v in residual.items())
     fc = _build("DiT-S/2-FCx4")  # static FC draws nothing at init either
     assert all(torch.equal(fc[k], v) for k, v in residual.items())
