@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DiT": "racedit.models.dit",
-    "ForwardAux": "racedit.models.aux",
+    "ForwardAux": "racedit.interfaces",
     "ModelConfig": "racedit.models.config",
     "build_model": "racedit.models.loading",
     "export_diffusers": "racedit.models.diffusers_io",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from racedit.diffusion.objective import LossOutput, Objective, mean_flat
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 
 
 class FlowMatching(Objective):

@@ -23,7 +23,7 @@ from racedit.diffusion.schedule import (
     make_betas,
     normal_kl,
 )
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 
 
 class GaussianDiffusion(Objective):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from racedit.diffusion.config import DiffusionConfig
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 
 
 @dataclass

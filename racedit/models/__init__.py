@@ -8,7 +8,7 @@ from typing import Any
 _LAZY = {
     "CheckpointError": "racedit.models.loading",
     "DiT": "racedit.models.dit",
-    "ForwardAux": "racedit.models.aux",
+    "ForwardAux": "racedit.interfaces",
     "ModelConfig": "racedit.models.config",
     "ModelNameError": "racedit.models.registry",
     "ModelSection": "racedit.models.registry",

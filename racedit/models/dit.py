@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from racedit.config.core import from_dict
 from racedit.connections import build_connection, build_stream
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import FeedForward, ForwardAux
 from racedit.models.config import ModelConfig
-from racedit.models.ffn import FeedForward, Mlp
+from racedit.models.ffn import Mlp
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

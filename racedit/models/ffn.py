@@ -1,34 +1,13 @@
-"""The block's feed-forward slot: the dense MLP, and the interface an MoE layer also implements.
-
-A feed-forward module takes ``(h, aux)`` with ``h`` of shape (B, L, D) and an optional
-``ForwardAux`` to record side outputs into, and returns (B, L, D). It also reports its cost, so
-the model zoo can count activated parameters and FLOPs without running it.
-"""
+"""The block's dense feed-forward: DiT's MLP, one implementation of ``racedit.interfaces.FeedForward``
+(the MoE layer in ``racedit/moe/layer.py`` is the other)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import FeedForward, ForwardAux
 
-
-class FeedForward(nn.Module):
-    """Interface of the MLP slot."""
-
-    def forward(self, h: Tensor, aux: ForwardAux | None = None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def flops(self, num_tokens: int) -> int:
-        """Multiply-adds of one forward over ``num_tokens`` tokens (activated experts only)."""
-        raise NotImplementedError
-
-    def inactive_params(self) -> int:
-        """Parameters that a token does not use on average (experts not selected)."""
-        return 0
-
-    def output_weights(self) -> list[Tensor]:
-        """The weights of the slot's output projection(s), which a connection may rescale at init."""
-        raise NotImplementedError
+__all__ = ["FeedForward", "Mlp"]
 
 
 class Mlp(FeedForward):

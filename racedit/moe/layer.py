@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from racedit.interfaces import FeedForward, ForwardAux
 from racedit.kernels import dispatch
-from racedit.models.aux import ForwardAux
-from racedit.models.ffn import FeedForward
 from racedit.moe.config import MoEConfig
 from racedit.moe.threshold import Threshold, global_kth, in_backward_recompute
 from racedit.routing import get_strategy

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 from racedit.moe.config import MoEConfig
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 
 
 def max_violation(counts: Tensor) -> float:

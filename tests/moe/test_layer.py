@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from racedit.interfaces import ForwardAux
 from racedit.kernels import dispatch
-from racedit.models.aux import ForwardAux
 from racedit.models.loading import build_model
 from racedit.moe import MoEConfig, MoEFeedForward, aux_losses, sync_thresholds
 from racedit.routing import select

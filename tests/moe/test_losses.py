@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 from racedit.moe import MoEConfig, aux_losses
 from racedit.moe.losses import balance_loss, plr_loss, router_similarity_loss
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 from racedit.moe.metrics import (
     RoutingStats,
     combination_usage,

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from racedit.models.aux import ForwardAux
+from racedit.interfaces import ForwardAux
 from racedit.models.loading import build_model
 from racedit.moe import MoEConfig, MoEFeedForward
 from racedit.moe.threshold import Threshold, global_kth
