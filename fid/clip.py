@@ -202,9 +202,8 @@ def embed_source(
 
     Cached as ``clip-<key>.npy`` next to the Inception features, keyed by the images' content hash, the
     CLIP identity and ``EMBEDDING_VERSION``."""
-    from tqdm.auto import tqdm
-
     from fid.features import default_cache_dir
+    from racedit.progress import progress
 
     blob = json.dumps({"content": content_hash, "net": embedder.identity, "version": EMBEDDING_VERSION})
     path = Path(cache_dir or default_cache_dir()) / f"clip-{hashlib.sha256(blob.encode()).hexdigest()}.npy"
@@ -215,7 +214,7 @@ def embed_source(
     n = source.num_images
     chunks = [
         embedder.embed_images(batch)
-        for batch in tqdm(
+        for batch in progress(
             source.batches(0, n, batch_size),
             total=-(-n // batch_size),
             desc=f"{desc} [{source.describe()}]",

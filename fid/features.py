@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fid.data import ImageSource
 from fid.inception import InceptionFeatures, strict_fp32
@@ -85,7 +84,7 @@ def _extract_range(
     pools, spatials = [], []
     total = (stop - start + batch_size - 1) // batch_size
     with strict_fp32():
-        for batch in tqdm(
+        for batch in progress(
             source.batches(start, stop, batch_size),
             total=total,
             desc=desc,

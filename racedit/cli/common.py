@@ -12,9 +12,9 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from racedit.errors import UserError
+from racedit.progress import progress
 
 __all__ = ["UserError", "add_debug_flag", "entry", "progress", "run"]
 
@@ -74,15 +74,3 @@ def entry(main: Callable[[list[str] | None], int], prog: str) -> Callable[[], No
         exit_command(run(main, prog))
 
     return _entry
-
-
-def progress(iterable: Any = None, **kwargs: Any) -> Any:
-    """A tqdm bar that redraws at most every 30 s when stderr is not a terminal (CI, cluster logs), so
-    a long run writes a line now and then instead of one carriage-return update per step."""
-    from tqdm.auto import tqdm
-
-    if not sys.stderr.isatty():
-        kwargs.setdefault("mininterval", 30.0)
-        kwargs.setdefault("maxinterval", 60.0)
-    kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **kwargs)

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from racedit.diffusion import Objective
 from racedit.sampling.guidance import Guidance, guided_forward
@@ -140,7 +139,7 @@ def _batches(
     )
     n = labels.numel()
     evals = num_evaluations(objective, sampler, steps, **(sampler_options or {}))
-    bar = tqdm(
+    bar = progress(
         total=n * evals, desc=f"{sampler} x{steps}", unit="img-step", disable=not progress, leave=False
     )
     for start in range(0, n, batch_size):

@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from racedit.config.core import ConfigError, to_dict
 from racedit.io import write_manifest
 from racedit.models import DiT, ForwardAux, ModelConfig, save_model
 from racedit.models.loading import model_kwargs
 from racedit.models.registry import ModelSection, model_name
+from racedit.progress import progress
+from racedit.progress import write as progress_write
 from racedit.training import checkpoint as ckpt
 from racedit.training import resume as resuming
 from racedit.training.config import RunConfig
@@ -131,7 +132,7 @@ class Trainer:
     def log(self, message: str) -> None:
         """A message from the main process (tqdm-safe)."""
         if self.accelerator.is_main_process:
-            tqdm.write(f"[racedit-train] {message}")
+            progress_write(f"[racedit-train] {message}")
 
     def setup(self) -> None:
         cfg, tc = self.cfg, self.cfg.train
@@ -593,7 +594,7 @@ class Trainer:
         if lc.trackers:
             acc.init_trackers(lc.project, config=flat_hparams(to_dict(cfg)))
         window = ScalarWindow()
-        bar = tqdm(
+        bar = progress(
             total=tc.max_steps,
             initial=self.step,
             disable=not (main and lc.progress),
