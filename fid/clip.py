@@ -203,7 +203,7 @@ def embed_source(
     Cached as ``clip-<key>.npy`` next to the Inception features, keyed by the images' content hash, the
     CLIP identity and ``EMBEDDING_VERSION``."""
     from fid.features import default_cache_dir
-    from racedit.progress import progress
+    from racedit.progress import progress as progress_bar
 
     blob = json.dumps({"content": content_hash, "net": embedder.identity, "version": EMBEDDING_VERSION})
     path = Path(cache_dir or default_cache_dir()) / f"clip-{hashlib.sha256(blob.encode()).hexdigest()}.npy"
@@ -214,7 +214,7 @@ def embed_source(
     n = source.num_images
     chunks = [
         embedder.embed_images(batch)
-        for batch in progress(
+        for batch in progress_bar(
             source.batches(0, n, batch_size),
             total=-(-n // batch_size),
             desc=f"{desc} [{source.describe()}]",

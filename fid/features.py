@@ -20,6 +20,7 @@ import torch
 
 from fid.data import ImageSource
 from fid.inception import InceptionFeatures, strict_fp32
+from racedit.progress import progress as progress_bar
 
 FEATURES_VERSION = 1  # bump when the way features are computed changes (invalidates the cache)
 CACHE_ENV_VAR = "RACEDIT_FID_CACHE"
@@ -84,7 +85,7 @@ def _extract_range(
     pools, spatials = [], []
     total = (stop - start + batch_size - 1) // batch_size
     with strict_fp32():
-        for batch in progress(
+        for batch in progress_bar(
             source.batches(start, stop, batch_size),
             total=total,
             desc=desc,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from racedit.diffusion import Objective
+from racedit.progress import progress as progress_bar
 from racedit.sampling.guidance import Guidance, guided_forward
 from racedit.sampling.samplers import check_sampler, num_evaluations, run_sampler
 from racedit.sampling.seeding import per_sample_randn, sample_generators
@@ -139,7 +140,7 @@ def _batches(
     )
     n = labels.numel()
     evals = num_evaluations(objective, sampler, steps, **(sampler_options or {}))
-    bar = progress(
+    bar = progress_bar(
         total=n * evals, desc=f"{sampler} x{steps}", unit="img-step", disable=not progress, leave=False
     )
     for start in range(0, n, batch_size):

@@ -40,7 +40,7 @@ from racedit.io import write_manifest
 from racedit.models import DiT, ForwardAux, ModelConfig, save_model
 from racedit.models.loading import model_kwargs
 from racedit.models.registry import ModelSection, model_name
-from racedit.progress import progress
+from racedit.progress import progress as progress_bar
 from racedit.progress import write as progress_write
 from racedit.training import checkpoint as ckpt
 from racedit.training import resume as resuming
@@ -594,7 +594,7 @@ class Trainer:
         if lc.trackers:
             acc.init_trackers(lc.project, config=flat_hparams(to_dict(cfg)))
         window = ScalarWindow()
-        bar = progress(
+        bar = progress_bar(
             total=tc.max_steps,
             initial=self.step,
             disable=not (main and lc.progress),
