@@ -29,6 +29,8 @@ from PIL import Image
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
+from racedit.testing import save_tiny_autoencoder
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["apple", "red fox", "zebra"]  # sorted, as the folder listing orders them; one has a space
 SCALING, SHIFT = 0.6, 0.5  # the tiny VAE's own config values (not SD-VAE's 0.18215 and 0)
@@ -98,20 +100,9 @@ def make_images(root: Path) -> None:
 
 
 def make_vae(path: Path) -> None:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RES,
-        scaling_factor=SCALING,
-        shift_factor=SHIFT,
-    ).save_pretrained(path)
+    save_tiny_autoencoder(
+        path, num_blocks=4, width=8, sample_size=RES, scaling_factor=SCALING, shift_factor=SHIFT
+    )
 
 
 def grid_pixels(path: Path) -> np.ndarray:

@@ -9,29 +9,15 @@ import pytest
 import torch
 
 from racedit import vae as V
+from racedit.testing import save_tiny_autoencoder
 
 SCALE, SHIFT = 0.6, 0.35  # a VAE with a shift factor (as SD3's and FLUX's have), tiny and random
 
 
 def make_shifted_vae(path: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=SCALE,
-        shift_factor=SHIFT,
+    return save_tiny_autoencoder(
+        path, num_blocks=2, width=8, sample_size=16, scaling_factor=SCALE, shift_factor=SHIFT
     )
-    vae.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

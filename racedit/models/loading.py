@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from racedit.config.core import deep_merge, to_dict
-from racedit.io import MANIFEST, sha256_file
+from racedit.io import MANIFEST, atomic_directory, sha256_file
 from racedit.models.config import ModelConfig
 from racedit.models.dit import DiT
 from racedit.models.errors import CheckpointError
@@ -66,22 +63,12 @@ def build_model(name: str | None = None, config: ModelConfig | None = None, **ov
 
 
 def save_model(model: DiT, path: str | Path) -> Path:
-    """``save_pretrained`` into a temporary sibling directory, then an atomic rename onto ``path``."""
+    """``save_pretrained`` into a temporary sibling directory, then an atomic rename onto ``path``
+    (``racedit.io.atomic_directory``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -9,8 +9,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
+
+from racedit.testing import save_tiny_autoencoder
 
 RESOLUTION = 32
 SHARD_SIZE = 4
@@ -21,22 +22,7 @@ PER_CLASS = 6  # readable images per class
 
 def make_tiny_vae(path: Path) -> Path:
     """A randomly initialised AutoencoderKL with SD-VAE's layout (4 latent channels, /8) but 4 channels wide."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 4, 4),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=RESOLUTION,
-    )
-    vae.save_pretrained(path)
-    return path
+    return save_tiny_autoencoder(path, num_blocks=4, width=4, sample_size=RESOLUTION)
 
 
 def make_image_folder(root: Path) -> Path:

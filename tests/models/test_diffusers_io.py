@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file
 
@@ -20,6 +20,7 @@ from racedit.models.diffusers_io import (
     probe_inputs,
 )
 from racedit.models.dit import TimestepEmbedder
+from racedit.testing import tiny_autoencoder
 
 # Tolerance of racedit vs diffusers on the same weights. The two compute the same sums and differ at most in
 # the summation order inside matmuls and attention (one fused qkv projection vs three). A reordered sum of K
@@ -57,18 +58,7 @@ def tiny_diffusers_dit(seed=0, out_channels=8, patch_size=2, norm_eps=1e-5, num_
 
 
 def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
+    return tiny_autoencoder(num_blocks=2, width=8, sample_size=16).eval()
 
 
 def tiny_racedit(**overrides):

@@ -9,6 +9,7 @@ from racedit.diffusion import DiffusionConfig
 from racedit.sampling import official_dit_meta, read_sampling_meta, save_grid, write_sampling_meta
 from racedit.sampling.classes import imagenet_class_names, parse_classes
 from racedit.sampling.vae import VAEError, load_vae, vae_decoder
+from racedit.testing import save_tiny_autoencoder
 
 
 def test_grid_upscales_tiny_images_nearest_and_captions(tmp_path):
@@ -62,22 +63,7 @@ def test_sampling_meta_roundtrip_and_defaults(tmp_path):
 
 
 def _tiny_vae_dir(path):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    vae.save_pretrained(path)
-    return path
+    return save_tiny_autoencoder(path, num_blocks=2, width=8, sample_size=16)
 
 
 @pytest.fixture(scope="module")

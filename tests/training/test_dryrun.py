@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from racedit.models import DiT, resolve_model_config
 from racedit.models.loading import model_kwargs
+from racedit.testing import save_tiny_autoencoder
 from racedit.training.config import load_run_config
 from racedit.training.dryrun import DryRun, state_memory
 
@@ -25,21 +25,11 @@ CLASSES = ("ant", "bee", "cow")
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 latents of 3 classes (4 x 4 x 4), extracted through a tiny random AutoencoderKL."""
-    from diffusers import AutoencoderKL
 
     from racedit.data.extract import main as extract
 
     root = tmp_path_factory.mktemp("dryrun")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 4, 4),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=32,
-    ).save_pretrained(root / "vae")
+    save_tiny_autoencoder(root / "vae", num_blocks=4, width=4, sample_size=32)
     rng = np.random.default_rng(0)
     for name in CLASSES:
         (root / "images" / name).mkdir(parents=True)
