@@ -8,11 +8,12 @@ downloads: a missing or wrong file is an error that says which file to fetch and
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
+
+from racedit.io import sha256_file
 
 ENV_VAR = "RACEDIT_INCEPTION_WEIGHTS"
 WEIGHTS_NAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -41,15 +42,6 @@ def _how_to_fetch() -> str:
         f"  or pass its path with --inception-weights PATH, or set {ENV_VAR}=PATH.\n"
         f"  (torchvision's Inception weights are a different network and must not be used for FID.)"
     )
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, hashed once per process
