@@ -10,13 +10,18 @@ from racedit.sampling import write_sampling_meta
 
 
 def make_tiny_model(
-    in_channels: int = 4, learn_sigma: bool = True, seed: int = 0, class_dropout_prob: float = 0.1
+    in_channels: int = 4,
+    learn_sigma: bool = True,
+    seed: int = 0,
+    class_dropout_prob: float = 0.1,
+    name: str = "DiT-S/2",
+    **overrides,
 ):
-    """A DiT-S/2 shrunk to 8x8 inputs, 2 blocks, width 64, with random (non-zero) weights everywhere:
-    DiT's zero init would make every output 0 and every test of sampling vacuous."""
+    """A zoo model (DiT-S/2 by default) shrunk to 8x8 inputs, 2 blocks, width 64, with random (non-zero)
+    weights everywhere: DiT's zero init would make every output 0 and every test of sampling vacuous."""
     torch.manual_seed(seed)
     model = racedit.build_model(
-        "DiT-S/2",
+        name,
         input_size=8,
         num_classes=10,
         hidden_size=64,
@@ -25,6 +30,7 @@ def make_tiny_model(
         in_channels=in_channels,
         learn_sigma=learn_sigma,
         class_dropout_prob=class_dropout_prob,
+        **overrides,
     )
     with torch.no_grad():
         for p in model.parameters():

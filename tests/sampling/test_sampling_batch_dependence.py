@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from sampling_helpers import make_tiny_model
 
 import racedit
 from racedit.cli.sample import main
@@ -37,20 +38,9 @@ DEPENDS = {
 
 def moe_model(router: str, eval_routing: str, set_tau: bool = True, in_channels: int = 4):
     """A tiny 2-in-8 Race-DiT with random (non-zero) weights everywhere, tau set by one training forward."""
-    torch.manual_seed(0)
-    model = racedit.build_model(
-        "RaceDiT-S/2-2in8",
-        input_size=8,
-        num_classes=10,
-        hidden_size=64,
-        depth=2,
-        num_heads=2,
-        in_channels=in_channels,
-        moe={"router": router, "eval_routing": eval_routing},
+    model = make_tiny_model(
+        in_channels, name="RaceDiT-S/2-2in8", moe={"router": router, "eval_routing": eval_routing}
     )
-    with torch.no_grad():  # DiT's zero init would make every block the identity and the test vacuous
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     if set_tau:
         model.train()
         with torch.no_grad():
