@@ -1,31 +1,48 @@
-"""The expert race over the scores of every process: a distributed radix select (docs/spec/race-dit.md section 3).
+"""The expert race over the scores of every process: one exact cut, communication bounded whatever the batch
+(docs/spec/race-dit.md section 3).
 
 Each process holds its own scores (T_r, E). The global race cut (the K-th largest of the union, K = k x
-the global token count, and which of the entries equal to it are in) is found without moving scores:
+the global token count, and which of the entries equal to it are in) is found in one of two exact ways,
+chosen after the first collective from numbers every process then shares:
 
-1. **Keys.** fp32 scores (lower precisions upcast exactly) become order-preserving unsigned 32-bit keys,
-   held in int64: a larger float has a larger key, -0.0 and +0.0 share the key of +0.0, -inf and +inf are
-   the ends. NaN has no place in an order and is an error on every process at once (its count travels
-   with the first histogram, so no process is left waiting in a collective).
-2. **Radix select.** ``PASSES`` passes, each over the next ``BITS`` bits of the key, most significant first:
-   each process counts, among its keys that match the prefix fixed so far, how many have each digit
-   (a ``2**BITS``-bin histogram), one ``all_reduce`` sums the histograms, and every process takes the same
-   decision from the same sums: the digit where the running count from the top reaches K. After the last
-   pass the prefix is the K-th key itself, and ``room`` = K - #(keys > K-th key) says how many of the
-   entries equal to it the race takes.
-3. **Ties across processes** (``ties="index"``: the lowest flat index wins, processes in rank order, rank 0's
-   (B, L, E) block first). When every tie fits (the common case) nothing more is sent; otherwise one
+1. **Keys.** fp32 scores (lower precisions upcast exactly) become order-preserving keys: a larger float has a
+   larger key, -0.0 and +0.0 share the key of +0.0, -inf and +inf are the ends. NaN has no place in an order
+   and is an error on every process at once (its count travels with the first collective, so no process is
+   left waiting in another).
+2. **First collective** (both ways): one ``all_reduce`` of the first radix histogram (the top ``BITS`` bits of
+   the keys, ``2**BITS`` bins) with the NaN count, the token count, and a one-hot of ceil(log2 of each
+   process's score count) -- summed, the largest padded size P any process needs. World-independent size.
+3. **Small: one all-gather** when world x P x 4 B <= ``GATHER_BYTES``: every process gathers every process's
+   keys (padded to P, the count in front) and takes the cut of the union locally (``kthvalue`` on the keys).
+   Two collectives in all, and the tie split across processes comes for free (the union is in hand).
+4. **Large: radix select.** The remaining ``PASSES - 1`` passes, each over the next ``BITS`` bits of the key:
+   each process counts, among its keys that match the prefix fixed so far, how many have each digit, one
+   ``all_reduce`` sums the histograms, and every process takes the same decision from the same sums (the
+   digit where the running count from the top reaches K). After the last pass the prefix is the K-th key,
+   and ``room`` = K - #(keys > K-th key) says how many of the entries equal to it the race takes.
+5. **Ties across processes** (``ties="index"``: the lowest flat index wins, processes in rank order, rank 0's
+   (B, L, E) block first). Radix: when every tie fits (the common case) nothing more is sent; otherwise one
    ``all_gather`` of each process's tie count gives the exclusive prefix over ranks, and a process takes
    ``clamp(room - prefix, 0, its ties)`` of its own ties, lowest index first.
 
-Communication per call: ``PASSES`` all-reduces of ``2**BITS`` int64, the first carrying two more counts
-(4 x 256 x 8 + 16 = 8,208 B), plus 8 x world bytes when ties straddle the cut: independent of the batch. ``gather_kth`` is the plain
-all-gather reference it must equal bit for bit (it moves every score: 4 x T x E x world bytes received);
-it is kept as the test oracle and the benchmark's baseline.
+Why ``GATHER_BYTES`` = 64 KiB: below it both ways are latency-bound on any interconnect (64 KiB is ~6 us of
+transfer at 10 GB/s, less than one collective's start-up on gloo or NCCL), so the way with fewer collective
+rounds wins: 2 against 4. Above it the gathered bytes grow with batch x world while the radix stays at
+~8 KB; on 2 CPU processes with gloo the two cross near this size (``python -m bench.distributed`` prints the
+sweep). The demo's race (32 samples x 16 tokens x 8 experts per process, 16 KiB) gathers; RaceDiT-XL/2 at 32
+per GPU (1 MiB per process) takes the radix select at any world size.
+
+Communication per call (``comm_bytes``): radix, ``PASSES`` all-reduces of ``2**BITS`` int64, the first carrying
+35 more counts (4 x 2048 + 280 = 8,472 B) and 8 x world bytes when ties straddle the cut; gather, the first
+all-reduce (2,328 B) and world x (P + 1) x 4 <= 64 KiB + 4 x world. Neither grows with the batch.
+``gather_kth`` / ``gather_race_mask`` are the plain all-gather references it must equal bit for bit (they move
+every score, 4 x T x E x world bytes received, unbounded); they are the test oracle and the benchmark's
+baseline.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +55,8 @@ Ties = Literal["index", "all"]
 BITS = 8  # digit width: 4 passes of 256 bins cover the 32-bit key
 PASSES = 32 // BITS
 NBINS = 1 << BITS
+SIZE_BINS = 33  # ceil(log2(score count)) in 0..32: the one-hot that gives the largest padded size
+GATHER_BYTES = 64 * 1024  # all-gather the keys when world x padded size x 4 B is at most this (module doc)
 _SIGN = 1 << 31
 _MASK32 = (1 << 32) - 1
 
@@ -78,6 +97,10 @@ class RaceCut:
     k_total: int  # K = k x the global token count
     room: int  # how many entries equal to the K-th value the race takes (1 <= room <= equal)
     equal: int  # how many entries of the union equal the K-th value
+    ties_before: int | None = (
+        None  # entries equal to it on the lower ranks (known when the keys were gathered)
+    )
+    method: str = "radix"  # "radix" or "gather"
 
 
 def _signed_keys(scores: Tensor) -> Tensor:
@@ -87,15 +110,24 @@ def _signed_keys(scores: Tensor) -> Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+def _padded_size(n: int) -> int:
+    """The power of two a process pads its keys to in the gather (so that one summed one-hot gives the max)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def radix_cut(
-    scores: Tensor, k_per_token: int, group: dist.ProcessGroup | None = None, bits: int = BITS
+    scores: Tensor,
+    k_per_token: int,
+    group: dist.ProcessGroup | None = None,
+    bits: int = BITS,
+    gather_bytes: int = GATHER_BYTES,
 ) -> RaceCut:
     """The exact global cut of the expert race over every process's scores (T_r, E); see the module doc.
 
     Collective: every process of ``group`` must call it (with its own, possibly different, T_r). Without
-    a process group it is the cut of the local scores. Only the first pass reads every key; each later one
-    reads the keys that still share the chosen prefix. ``bits``: digit width, 8 (4 passes of 256 bins, the
-    default) or 16 (2 passes of 65,536 bins: half the collectives, 64x the bytes).
+    a process group it is the cut of the local scores. ``bits``: digit width of the radix select, 8 (4 passes
+    of 256 bins, the default) or 16 (2 passes of 65,536 bins: half the collectives, 64x the bytes).
+    ``gather_bytes``: the size switch (0: always the radix select; tests force each way with it).
     """
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
@@ -103,35 +135,47 @@ def radix_cut(
     if scores.ndim != 2:
         raise ValueError(f"race scores must be (T, E), got shape {tuple(scores.shape)}")
     distributed = is_distributed()
-    # Unsigned order as int32 bit patterns: digit p is (u >> shift) & 255 (the mask undoes the sign extension).
-    cand = (_signed_keys(scores) ^ -_SIGN).reshape(-1)  # (N,) int32
-    prefix, k_rem, k_total, equal = 0, 0, 0, 0
+    world = dist.get_world_size(group) if distributed else 1
+    signed = _signed_keys(scores).reshape(-1)  # (N,) int32, signed order = float order
+    # Unsigned order as int32 bit patterns: digit p is (u >> shift) & (nbins - 1) (the mask undoes the sign
+    # extension of >>).
+    cand = signed ^ -_SIGN
+    shift = 32 - bits
+    digits = ((cand >> shift) & (nbins - 1)).long()
+    # First collective: histogram of the top digit | NaN count | token count | one-hot of log2(padded size).
+    head = torch.zeros(nbins + 2 + SIZE_BINS, dtype=torch.int64, device=scores.device)
+    head[:nbins] = torch.bincount(digits, minlength=nbins)
+    head[nbins] = torch.isnan(scores).sum()
+    head[nbins + 1] = scores.shape[0]
+    head[nbins + 2 + _padded_size(signed.numel()).bit_length() - 1] = 1
+    if distributed:
+        dist.all_reduce(head, group=group)
+    nan_count, tokens = int(head[nbins]), int(head[nbins + 1])
+    if nan_count:
+        raise ValueError(
+            f"router scores contain NaN ({nan_count} over all processes); check the model for a "
+            "diverged forward (loss, lr)"
+        )
+    k_total = k_per_token * tokens
+    if not 1 <= k_total <= tokens * scores.shape[1]:
+        raise ValueError(f"K = {k_total} is outside [1, {tokens * scores.shape[1]}] candidates")
+    padded = 1 << int(torch.nonzero(head[nbins + 2 :]).max())  # the largest process's padded size
+    if world * padded * 4 <= gather_bytes:
+        return _gathered_cut(signed, padded, k_total, group if distributed else None)
+
+    hist, k_rem, prefix, equal = head[:nbins], k_total, 0, 0
     for p in range(passes):
-        shift = 32 - bits * (p + 1)
-        digits = ((cand >> shift) & (nbins - 1)).long()
-        hist = torch.bincount(digits, minlength=nbins)  # (nbins,) int64
-        if p == 0:  # NaN count and token count ride with the first histogram: still one collective
-            nan = torch.isnan(scores).sum().reshape(1)
-            hist = torch.cat([hist, nan, torch.tensor([scores.shape[0]], device=hist.device)])
-        if distributed:
-            dist.all_reduce(hist, group=group)
-        if p == 0:
-            nan_count, tokens = int(hist[nbins]), int(hist[nbins + 1])
-            if nan_count:
-                raise ValueError(
-                    f"router scores contain NaN ({nan_count} over all processes); check the model for a "
-                    "diverged forward (loss, lr)"
-                )
-            k_total = k_per_token * tokens
-            if not 1 <= k_total <= tokens * scores.shape[1]:
-                raise ValueError(f"K = {k_total} is outside [1, {tokens * scores.shape[1]}] candidates")
-            k_rem = k_total
-            hist = hist[:nbins]
+        if p > 0:
+            shift = 32 - bits * (p + 1)
+            digits = ((cand >> shift) & (nbins - 1)).long()
+            hist = torch.bincount(digits, minlength=nbins)  # (nbins,) int64
+            if distributed:
+                dist.all_reduce(hist, group=group)
         # Digits from the top: the chosen one is where the running count first reaches k_rem.
-        from_top = torch.cumsum(hist.flip(0), 0)  # (nbins,) how many digits are >= nbins - 1 - i
-        i = int(torch.searchsorted(from_top, torch.tensor(k_rem, device=hist.device)))
+        from_top = torch.cumsum(hist.flip(0), 0).tolist()  # how many digits are >= nbins - 1 - i
+        i = bisect.bisect_left(from_top, k_rem)
         digit = nbins - 1 - i
-        k_rem -= int(from_top[i - 1]) if i > 0 else 0
+        k_rem -= from_top[i - 1] if i > 0 else 0
         equal = int(hist[digit])
         prefix |= digit << shift
         if p < passes - 1:
@@ -140,23 +184,53 @@ def radix_cut(
     return RaceCut(kth=kth, key=prefix, k_total=k_total, room=k_rem, equal=equal)
 
 
+def _gathered_cut(signed: Tensor, padded: int, k_total: int, group: dist.ProcessGroup | None) -> RaceCut:
+    """The small way: gather every process's signed keys (count in front, padded to ``padded``) and take the
+    cut of the union locally. ``group`` None: the local keys are the union."""
+    if group is None and not is_distributed():
+        union, before = signed, signed[:0]
+    else:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = torch.zeros(padded + 1, dtype=torch.int32, device=signed.device)
+        mine[0] = signed.numel()
+        mine[1 : 1 + signed.numel()] = signed
+        parts = torch.empty(world * (padded + 1), dtype=torch.int32, device=signed.device)
+        dist.all_gather_into_tensor(parts, mine, group=group)  # one flat buffer (what gloo accepts)
+        parts = parts.view(world, padded + 1)  # (world, 1 + padded): count, then keys
+        counts = parts[:, 0].tolist()
+        chunks = [parts[r, 1 : 1 + n] for r, n in enumerate(counts)]
+        union, before = torch.cat(chunks), torch.cat(chunks[:rank]) if rank else signed[:0]
+    n = union.numel()
+    kth_signed = torch.kthvalue(union, n - k_total + 1).values  # the K-th largest key
+    above = int((union > kth_signed).sum())
+    equal = int((union == kth_signed).sum())
+    key = int(kth_signed) + _SIGN  # unsigned key (``float_keys``)
+    kth = key_to_float(torch.tensor(key, dtype=torch.int64, device=signed.device))
+    ties_before = int((before == kth_signed).sum())
+    return RaceCut(kth, key, k_total, k_total - above, equal, ties_before, "gather")
+
+
 def global_race_mask(
-    scores: Tensor, k_per_token: int, ties: Ties = "index", group: dist.ProcessGroup | None = None
+    scores: Tensor,
+    k_per_token: int,
+    ties: Ties = "index",
+    group: dist.ProcessGroup | None = None,
+    gather_bytes: int = GATHER_BYTES,
 ) -> tuple[Tensor, Tensor]:
     """This process's part of the expert race over all processes: scores (T_r, E) -> (mask (T_r, E) bool,
     global K-th value (fp32 scalar)). Equal, bit for bit, to rank r's slice of the single-process race over
     ``torch.cat`` of every rank's scores (flat order rank-major). Collective."""
     if ties not in ("index", "all"):
         raise ValueError(f"ties must be 'index' or 'all', got {ties!r}")
-    cut = radix_cut(scores, k_per_token, group)
+    cut = radix_cut(scores, k_per_token, group, gather_bytes=gather_bytes)
     keys = float_keys(scores)  # (T_r, E)
     above, equal = keys > cut.key, keys == cut.key
     if ties == "all" or cut.room == cut.equal:  # every tie is in: no rank needs the others' counts
         return above | equal, cut.kth
     flat_equal = equal.reshape(-1)
     mine = flat_equal.sum()
-    before = 0
-    if is_distributed():
+    before = cut.ties_before or 0
+    if cut.ties_before is None and is_distributed():
         counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(counts, mine, group=group)
         before = sum(int(c) for c in counts[: dist.get_rank(group)])  # ties of the lower ranks
@@ -166,11 +240,15 @@ def global_race_mask(
 
 
 def radix_kth(
-    scores: Tensor, k_per_token: int, group: dist.ProcessGroup | None = None, bits: int = BITS
+    scores: Tensor,
+    k_per_token: int,
+    group: dist.ProcessGroup | None = None,
+    bits: int = BITS,
+    gather_bytes: int = GATHER_BYTES,
 ) -> Tensor:
     """The K-th largest score of the union of every process's scores (T_r, E), K = k x global tokens.
-    Collective; fp32 scalar, a zero returned as +0.0."""
-    return radix_cut(scores, k_per_token, group, bits).kth
+    Collective; fp32 scalar, a zero returned as +0.0. Radix select, or one all-gather of small scores."""
+    return radix_cut(scores, k_per_token, group, bits, gather_bytes).kth
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -227,16 +305,25 @@ def gather_race_mask(
     return mask[start : start + T]
 
 
-def comm_bytes(world: int, tokens_per_rank: int, experts: int) -> dict[str, int]:
+def comm_bytes(world: int, tokens_per_rank: int, experts: int) -> dict[str, int | str]:
     """Bytes each process receives per call, from the algorithms (the benchmark's computed column).
 
-    all-gather: the sizes (8 B per rank) and every rank's fp32 scores; radix: ``PASSES`` histograms of
-    ``NBINS`` int64 plus the NaN and token counts (the all-reduce's message size; a ring all-reduce moves
-    about 2 (world - 1) / world of it per process, which does not grow with the world either), and the tie
-    counts (8 B per rank) when ties straddle the cut."""
-    radix = PASSES * NBINS * 8 + 2 * 8
+    ``allgather``: the reference (sizes, 8 B per rank, and every rank's fp32 scores). ``radix``: ``PASSES``
+    histograms of ``NBINS`` int64, the first carrying the NaN and token counts and the size one-hot (the
+    all-reduce's message size; a ring all-reduce moves about 2 (world - 1) / world of it per process, which does
+    not grow with the world either); ``radix_ties``: plus the tie counts (8 B per rank) when ties straddle
+    the cut. ``gather``: the first all-reduce and the padded keys of every rank. ``switch``: which of the two
+    ``radix_cut`` takes at the default ``GATHER_BYTES``, and ``switched`` its bytes (ties excluded)."""
+    head = (NBINS + 2 + SIZE_BINS) * 8
+    radix = head + (PASSES - 1) * NBINS * 8
+    padded = _padded_size(tokens_per_rank * experts)
+    gather = head + world * (padded + 1) * 4
+    small = world * padded * 4 <= GATHER_BYTES
     return {
         "allgather": 8 * world + 4 * tokens_per_rank * experts * world,
         "radix": radix,
         "radix_ties": radix + 8 * world,
+        "gather": gather,
+        "switch": "gather" if small else "radix",
+        "switched": gather if small else radix,
     }

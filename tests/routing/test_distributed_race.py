@@ -61,34 +61,54 @@ def score_cases():
 
 @pytest.mark.parametrize("case", range(5))
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_single_process_radix_equals_the_reference_bitwise(case, k):
+@pytest.mark.parametrize("limit", [0, 1 << 30])  # both sides of the size switch: radix select, gather
+def test_single_process_cut_equals_the_reference_bitwise(case, k, limit):
     scores = list(score_cases())[case]
-    assert bits(radix_kth(scores, k)) == bits(gather_kth(scores, k)) == bits(radix_kth(scores, k, bits=16))
-    cut = radix_cut(scores, k)
+    assert bits(radix_kth(scores, k, gather_bytes=limit)) == bits(gather_kth(scores, k))
+    assert bits(radix_kth(scores, k, bits=16, gather_bytes=0)) == bits(gather_kth(scores, k))
+    cut = radix_cut(scores, k, gather_bytes=limit)
+    assert cut.method == ("radix" if limit == 0 else "gather")
     s = scores.float()
     assert cut.k_total == k * s.shape[0]
     assert int((s > cut.kth).sum()) + cut.room == cut.k_total and 1 <= cut.room <= cut.equal
     assert cut.equal == int((s == cut.kth).sum())
     for ties in ("index", "all"):
-        mask, kth = global_race_mask(scores, k, ties)
+        mask, kth = global_race_mask(scores, k, ties, gather_bytes=limit)
         ref, _ = race_mask(scores, k * scores.shape[0], ties)
         assert torch.equal(mask, ref)
 
 
-def test_nan_is_an_error_in_both_paths():
+def test_the_switch_follows_the_padded_size():
+    # 16 x 8 scores pad to 128 keys = 512 B: gathered at a 512 B limit, radix one byte below it
+    scores = torch.randn(16, 8)
+    assert radix_cut(scores, 2, gather_bytes=512).method == "gather"
+    assert radix_cut(scores, 2, gather_bytes=511).method == "radix"
+    assert radix_cut(scores, 2).method == "gather"  # the default limit (64 KiB)
+
+
+def test_nan_is_an_error_in_every_path():
     scores = torch.randn(4, 4)
     scores[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        radix_kth(scores, 2)
+    for limit in (0, 1 << 30):
+        with pytest.raises(ValueError, match="NaN"):
+            radix_kth(scores, 2, gather_bytes=limit)
     with pytest.raises(ValueError, match="NaN"):
         gather_kth(scores, 2)
 
 
 def test_communication_does_not_grow_with_batch_or_world():
     small, big = comm_bytes(2, 16, 8), comm_bytes(64, 32 * 256, 32)
-    assert small["radix"] == big["radix"] == 4 * 256 * 8 + 16
+    # 4 histograms of 256 int64; the first also carries NaN count, token count and the 33-bin size one-hot
+    assert small["radix"] == big["radix"] == 4 * 256 * 8 + 35 * 8
     assert big["allgather"] == 8 * 64 + 4 * 32 * 256 * 32 * 64  # ~64 MB per layer
     assert small["radix_ties"] - small["radix"] == 16
+    # the switch: the demo's 32 x 16 x 8 per process gathers (2 x 4096 keys = 32 KiB <= 64 KiB); XL takes
+    # the radix select; whichever it takes, the bytes stay under the first all-reduce + 64 KiB + 4 B/rank
+    assert comm_bytes(2, 32 * 16, 8)["switch"] == "gather" and big["switch"] == "radix"
+    for world in (2, 8, 64, 1024):
+        for tokens in (16, 32 * 16, 32 * 256, 10**6):
+            b = comm_bytes(world, tokens, 8)
+            assert b["switched"] <= max(b["radix"], 291 * 8 + 64 * 1024 + 4 * world)
 
 
 def test_global_scope_is_only_for_the_race():
@@ -105,7 +125,7 @@ SCRIPT = r"""
 import json, sys
 import torch, torch.distributed as dist
 from racedit.routing import select
-from racedit.routing.distributed import radix_kth, gather_kth, global_race_mask, gather_race_mask
+from racedit.routing.distributed import radix_cut, radix_kth, gather_kth, global_race_mask, gather_race_mask
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -144,28 +164,34 @@ for case in ("random", "ints", "equal", "zeros", "special"):
         start = sum(s.shape[0] for s in scores[:rank])
         for k in (1, 2, 3):
             flat = mine.reshape(B * L, E)
-            r_kth, g_kth = radix_kth(flat, k), gather_kth(flat, k)
-            assert bits(radix_kth(flat, k, bits=16)) == bits(r_kth)
+            g_kth = gather_kth(flat, k)
+            assert bits(radix_kth(flat, k, bits=16, gather_bytes=0)) == bits(g_kth)
             for ties in ("index", "all"):
-                got = select(mine, "race", k, ties, scope="global")
                 ref = select(union, "race", k, ties)[start : start + B]
                 via_gather = gather_race_mask(flat, k, ties).view(B, L, E)
-                checks.append({
-                    "case": case, "seed": seed, "k": k, "ties": ties,
-                    "mask_equal": bool(torch.equal(got, ref)), "gather_equal": bool(torch.equal(via_gather, ref)),
-                    "radix_bits": bits(r_kth), "gather_bits": bits(g_kth),
-                    "selected": int(got.sum()),
-                })
+                default = select(mine, "race", k, ties, scope="global")  # the switch's choice (gather here)
+                # both sides of the size switch: 0 bytes forces the radix select, 1 GiB the all-gather
+                for way, limit in (("radix", 0), ("gather", 1 << 30)):
+                    assert radix_cut(flat, k, gather_bytes=limit).method == way
+                    got = global_race_mask(flat, k, ties, gather_bytes=limit)[0].view(B, L, E)
+                    checks.append({
+                        "case": case, "seed": seed, "k": k, "ties": ties, "way": way,
+                        "mask_equal": bool(torch.equal(got, ref)), "gather_equal": bool(torch.equal(via_gather, ref)),
+                        "default_equal": bool(torch.equal(default, ref)),
+                        "kth_bits": bits(radix_kth(flat, k, gather_bytes=limit)), "gather_bits": bits(g_kth),
+                        "selected": int(got.sum()),
+                    })
 
 # NaN on one rank only: every rank raises (no rank is left waiting in a collective)
-nan_raised = False
+nan_raised = 0
 s = torch.randn(4, 4)
 if rank == 1:
     s[0, 0] = float("nan")
-try:
-    radix_kth(s, 2)
-except ValueError:
-    nan_raised = True
+for limit in (0, 1 << 30):
+    try:
+        radix_kth(s, 2, gather_bytes=limit)
+    except ValueError:
+        nan_raised += 1
 
 # The MoE layer with race_scope=global: its routing mask is the rank's slice of the single-process race over
 # both ranks' scores, and its threshold update uses the global K-th value.
@@ -229,24 +255,25 @@ def test_global_race_on_two_processes_equals_the_race_over_the_union(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     results = [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
     for res in results:
-        assert res["nan_raised"]
-        assert len(res["checks"]) == 5 * 4 * 3 * 2
+        assert res["nan_raised"] == 2  # both ways raise on every rank
+        assert len(res["checks"]) == 5 * 4 * 3 * 2 * 2
         for c in res["checks"]:
-            assert c["mask_equal"] and c["gather_equal"], c
-            assert c["radix_bits"] == c["gather_bits"], c  # bitwise the all-gather value
+            assert c["mask_equal"] and c["gather_equal"] and c["default_equal"], c
+            assert c["kth_bits"] == c["gather_bits"], c  # bitwise the all-gather value
         assert res["layer_mask_equal"]
         assert res["tau_bits"] == res["union_kth_bits"]  # first update: tau = the global K-th value
     # ties="index" picks exactly K = k x global tokens over both ranks together (ranks: 2x3 and 3x3 tokens)
     for c0, c1 in zip(results[0]["checks"], results[1]["checks"]):
         if c0["ties"] == "index":
             assert c0["selected"] + c1["selected"] == c0["k"] * (6 + 9), (c0, c1)
-    # all-equal scores: at k=1 (K=15) rank 0's 24 ties fill K and rank 1 takes none; at k=3 (K=45) rank 0
+    # all-equal scores (checked for each way): at k=1 (K=15) rank 0's 24 ties fill K and rank 1 takes none; at k=3 (K=45) rank 0
     # takes all 24 and rank 1 the first 21 of its 36
-    equal = [
-        (a, b)
-        for a, b in zip(results[0]["checks"], results[1]["checks"])
-        if a["case"] == "equal" and a["ties"] == "index"
-    ]
-    assert any(a["selected"] > 0 and b["selected"] > 0 for a, b in equal)  # ties straddle the rank boundary
-    assert any(b["selected"] == 0 for a, b in equal)  # rank 1 gets none when rank 0's ties fill K
+    for way in ("radix", "gather"):
+        equal = [
+            (a, b)
+            for a, b in zip(results[0]["checks"], results[1]["checks"])
+            if a["case"] == "equal" and a["ties"] == "index" and a["way"] == way
+        ]
+        assert any(a["selected"] > 0 and b["selected"] > 0 for a, b in equal)  # ties straddle the ranks
+        assert any(b["selected"] == 0 for a, b in equal)  # rank 1 gets none when rank 0's ties fill K
     assert results[0]["local_selected"] + results[1]["local_selected"] == 2 * (6 + 9)
