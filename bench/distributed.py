@@ -34,31 +34,34 @@ LAYERS_XL = 28  # MoE layers of RaceDiT-XL/2-4in32 (every block)
 def computed_bytes_table() -> None:
     from racedit.routing.distributed import comm_bytes
 
-    tokens, experts = 32 * 256, 32
     rows = []
-    for world in (2, 8, 64):
-        b = comm_bytes(world, tokens, experts)
-        rows.append(
-            [
-                world,
-                f"{b['allgather']:,}",
-                f"{b['radix']:,}",
-                f"{b['radix_ties']:,}",
-                f"{b['allgather'] / b['radix']:,.0f}x",
-                f"{b['allgather'] * LAYERS_XL / 2**30:.2f} GiB",
-                f"{b['radix'] * LAYERS_XL / 2**10:.0f} KiB",
-            ]
-        )
+    for label, tokens, experts in (("demo", 32 * 16, 8), ("XL/2", 32 * 256, 32)):
+        for world in (2, 8, 64):
+            b = comm_bytes(world, tokens, experts)
+            rows.append(
+                [
+                    f"{label} x {world}",
+                    f"{b['allgather']:,}",
+                    f"{b['radix']:,}",
+                    f"{b['gather']:,}",
+                    f"{b['switch']}: {b['switched']:,}",
+                    f"{b['allgather'] / b['switched']:,.1f}x",
+                    f"{b['allgather'] * LAYERS_XL / 2**20:,.1f} MiB",
+                    f"{b['switched'] * LAYERS_XL / 2**10:,.0f} KiB",
+                ]
+            )
     print_table(
-        "K-th score per MoE layer: bytes received per process (computed; 32 x 256 tokens x 32 experts per GPU)",
+        "K-th score per MoE layer: bytes received per process (computed). demo: 32 samples x 16 tokens x 8 "
+        "experts per process; XL/2: 32 x 256 x 32 per GPU",
         [
-            "world",
-            "all-gather B/layer",
-            "radix B/layer",
-            "radix + tie counts",
-            "ratio",
-            "all-gather per step (28 layers)",
-            "radix per step",
+            "shape x world",
+            "all-gather reference B",
+            "radix B",
+            "gather way B",
+            "switch takes",
+            "reference / switch",
+            "reference per step (28 layers)",
+            "switch per step",
         ],
         rows,
     )
@@ -68,68 +71,86 @@ def computed_bytes_table() -> None:
 
 
 def _count_collectives() -> dict[str, int]:
-    """Wrap all_reduce / all_gather so they add the bytes they are handed (received, for all_gather)."""
+    """Wrap the collectives the K-th paths call so they add the bytes each process receives (the tensor
+    handed to all_reduce, the outputs of the all-gathers)."""
     counts = {"bytes": 0}
-    real_reduce, real_gather = dist.all_reduce, dist.all_gather
+    real = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_into_tensor")}
 
     def all_reduce(t, *a, **k):
         counts["bytes"] += t.numel() * t.element_size()
-        return real_reduce(t, *a, **k)
+        return real["all_reduce"](t, *a, **k)
 
     def all_gather(outs, t, *a, **k):
         counts["bytes"] += sum(o.numel() * o.element_size() for o in outs)
-        return real_gather(outs, t, *a, **k)
+        return real["all_gather"](outs, t, *a, **k)
 
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
-    counts["restore"] = lambda: (
-        setattr(dist, "all_reduce", real_reduce),
-        setattr(dist, "all_gather", real_gather),
-    )  # type: ignore[assignment]
+    def all_gather_into_tensor(out, t, *a, **k):
+        counts["bytes"] += out.numel() * out.element_size()
+        return real["all_gather_into_tensor"](out, t, *a, **k)
+
+    for name, fn in (
+        ("all_reduce", all_reduce),
+        ("all_gather", all_gather),
+        ("all_gather_into_tensor", all_gather_into_tensor),
+    ):
+        setattr(dist, name, fn)
+    counts["restore"] = lambda: [setattr(dist, n, f) for n, f in real.items()]  # type: ignore[assignment]
     return counts
 
 
-def _kth_bench(rank: int, repeats: int) -> list[list[object]]:
-    from racedit.routing.distributed import gather_kth, radix_kth
+def _kth_bench(rank: int, repeats: int) -> tuple[list[list[object]], list[list[object]]]:
+    from racedit.routing.distributed import gather_kth, radix_cut, radix_kth
 
+    ways = {
+        "reference": gather_kth,  # the all-gather oracle
+        "switch": radix_kth,  # the default: gather or radix by size
+        "radix": lambda s, k: radix_kth(s, k, gather_bytes=0),
+        "radix16": lambda s, k: radix_kth(s, k, bits=16, gather_bytes=0),
+        "gather": lambda s, k: radix_kth(s, k, gather_bytes=1 << 62),
+    }
     rows = []
-    for samples, tokens, experts, label in ((64, 16, 8, "demo"), (32, 256, 32, "XL/2 per GPU")):
+    for samples, tokens, experts, label in ((32, 16, 8, "demo"), (32, 256, 32, "XL/2 per GPU")):
         g = torch.Generator().manual_seed(rank)
         scores = torch.randn(samples * tokens, experts, generator=g)
         k = 2 if experts == 8 else 4
-        assert torch.equal(radix_kth(scores, k).view(torch.int32), gather_kth(scores, k).view(torch.int32))
+        ref = gather_kth(scores, k).view(torch.int32)
         counted = {}
-
-        def radix16(s, k):
-            return radix_kth(s, k, bits=16)
-
-        for name, fn in (("allgather", gather_kth), ("radix", radix_kth), ("radix16", radix16)):
+        for name, fn in ways.items():
+            assert torch.equal(fn(scores, k).view(torch.int32), ref), name  # exact, every way
             c = _count_collectives()
             fn(scores, k)
             c["restore"]()
             counted[name] = c["bytes"]
         t = interleaved_medians(
-            {
-                "allgather": lambda s=scores, k=k: gather_kth(s, k),
-                "radix": lambda s=scores, k=k: radix_kth(s, k),
-                "radix16": lambda s=scores, k=k: radix16(s, k),
-            },
+            {name: (lambda fn=fn, s=scores, k=k: fn(s, k)) for name, fn in ways.items()},
             repeats=repeats,
             warmup=2,
+            inner=5,
         )
         rows.append(
             [
                 f"{label}: {samples} x {tokens} x {experts}",
-                f"{counted['allgather']:,}",
-                f"{counted['radix']:,}",
-                f"{counted['radix16']:,}",
-                t["allgather"] * 1e3,
-                t["radix"] * 1e3,
-                t["radix16"] * 1e3,
-                t["radix"] / t["allgather"],
-                t["radix16"] / t["allgather"],
+                radix_cut(scores, k).method,
+                *(f"{counted[n]:,}" for n in ("reference", "switch", "radix", "radix16")),
+                *(t[n] * 1e3 for n in ("reference", "switch", "radix", "radix16")),
+                t["switch"] / t["reference"],
+                t["radix"] / t["reference"],
             ]
         )
-    return rows
+    # Where the two exact ways cross: forced gather against forced radix, per-process score count swept.
+    sweep = []
+    for n in (1 << 10, 1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 18):
+        scores = torch.randn(n // 8, 8, generator=torch.Generator().manual_seed(rank))
+        t = interleaved_medians(
+            {w: (lambda fn=ways[w], s=scores: fn(s, 2)) for w in ("gather", "radix")},
+            repeats=repeats,
+            warmup=2,
+            inner=5,
+        )
+        sweep.append(
+            [n, f"{2 * n * 4 / 1024:,.0f}", t["gather"] * 1e3, t["radix"] * 1e3, t["gather"] / t["radix"]]
+        )
+    return rows, sweep
 
 
 def _train_bench(rank: int, repeats: int, width: int, depth: int) -> list[list[object]]:
@@ -198,7 +219,7 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, que
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     kth_rows = _kth_bench(rank, args.repeats)
-    train_rows = _train_bench(rank, args.repeats, args.width, args.depth)
+    train_rows = [] if args.kth_only else _train_bench(rank, args.repeats, args.width, args.depth)
     queue.put((rank, kth_rows, train_rows))
     dist.barrier()
     dist.destroy_process_group()
@@ -209,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--width", type=int, default=128, help="FSDP vs DDP model width (the demo's: 128)")
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--kth-only", action="store_true", help="only the K-th tables (skip FSDP vs DDP)")
     args = p.parse_args(argv)
     computed_bytes_table()
     world = 2
@@ -222,22 +244,33 @@ def main(argv: list[str] | None = None) -> None:
         results = dict((r, (k, tr)) for r, k, tr in (queue.get() for _ in procs))
         for proc in procs:
             proc.join()
-    kth_rows, train_rows = results[0]
+    (kth_rows, sweep), train_rows = results[0]
     print_table(
-        "K-th score per MoE layer at world 2 (gloo, 2 CPU processes): bytes counted, time measured (rank 0)",
+        "K-th score per MoE layer at world 2 (gloo, 2 CPU processes): bytes counted, time measured (rank 0, "
+        "median of interleaved repeats)",
         [
             "scores per process",
-            "all-gather B",
+            "switch takes",
+            "reference B",
+            "switch B",
             "radix 4x256 B",
             "radix 2x65536 B",
-            "all-gather ms",
+            "reference ms",
+            "switch ms",
             "radix 4x256 ms",
             "radix 2x65536 ms",
-            "4x256 / all-gather",
-            "2x65536 / all-gather",
+            "switch / reference",
+            "radix / reference",
         ],
         kth_rows,
     )
+    print_table(
+        "Where the two exact ways cross at world 2 (gloo, CPU): per-process scores swept",
+        ["scores per process", "gathered KiB (world 2)", "gather ms", "radix ms", "gather / radix"],
+        sweep,
+    )
+    if not train_rows:
+        return
     print_table(
         f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, 64 per process "
         "(rank 0; state = params + grads + AdamW + EMA held by the process)",

@@ -2,39 +2,38 @@
 (docs/spec/race-dit.md section 3).
 
 Each process holds its own scores (T_r, E). The global race cut (the K-th largest of the union, K = k x
-the global token count, and which of the entries equal to it are in) is found in one of two exact ways,
-chosen after the first collective from numbers every process then shares:
+the global token count, and which of the entries equal to it are in) is found in one of two exact ways:
 
-1. **Keys.** fp32 scores (lower precisions upcast exactly) become order-preserving keys: a larger float has a
-   larger key, -0.0 and +0.0 share the key of +0.0, -inf and +inf are the ends. NaN has no place in an order
-   and is an error on every process at once (its count travels with the first collective, so no process is
-   left waiting in another).
-2. **First collective** (both ways): one ``all_reduce`` of the first radix histogram (the top ``BITS`` bits of
-   the keys, ``2**BITS`` bins) with the NaN count, the token count, and a one-hot of ceil(log2 of each
-   process's score count) -- summed, the largest padded size P any process needs. World-independent size.
-3. **Small: one all-gather** when world x P x 4 B <= ``GATHER_BYTES``: every process gathers every process's
-   keys (padded to P, the count in front) and takes the cut of the union locally (``kthvalue`` on the keys).
-   Two collectives in all, and the tie split across processes comes for free (the union is in hand).
-4. **Large: radix select.** The remaining ``PASSES - 1`` passes, each over the next ``BITS`` bits of the key:
-   each process counts, among its keys that match the prefix fixed so far, how many have each digit, one
-   ``all_reduce`` sums the histograms, and every process takes the same decision from the same sums (the
-   digit where the running count from the top reaches K). After the last pass the prefix is the K-th key,
-   and ``room`` = K - #(keys > K-th key) says how many of the entries equal to it the race takes.
-5. **Ties across processes** (``ties="index"``: the lowest flat index wins, processes in rank order, rank 0's
+1. **Counts first.** One ``all_gather`` of one int64 per process: its score count and its NaN count. NaN has
+   no place in an order and is an error on every process at once (no process is left waiting in a later
+   collective); every process now knows every count, K, and which way to take.
+2. **Small: one all-gather of the scores** when world x the largest count x 4 B <= ``GATHER_BYTES``: every
+   process gathers every process's fp32 scores and takes the cut of the union locally (``kthvalue``). Two
+   collectives in all, like the all-gather reference, and the split of the ties across processes comes with
+   the union.
+3. **Large: radix select** on order-preserving keys (a larger float has a larger key, -0.0 and +0.0 share the
+   key of +0.0, -inf and +inf are the ends): ``PASSES`` passes, each over the next ``BITS`` bits of the key,
+   most significant first. Each process counts, among its keys that match the prefix fixed so far, how many
+   have each digit (a ``2**BITS``-bin histogram), one ``all_reduce`` sums the histograms, and every process
+   takes the same decision from the same sums: the digit where the running count from the top reaches K.
+   After the last pass the prefix is the K-th key, and ``room`` = K - #(keys > K-th key) says how many of the
+   entries equal to it the race takes.
+4. **Ties across processes** (``ties="index"``: the lowest flat index wins, processes in rank order, rank 0's
    (B, L, E) block first). Radix: when every tie fits (the common case) nothing more is sent; otherwise one
    ``all_gather`` of each process's tie count gives the exclusive prefix over ranks, and a process takes
    ``clamp(room - prefix, 0, its ties)`` of its own ties, lowest index first.
 
 Why ``GATHER_BYTES`` = 64 KiB: below it both ways are latency-bound on any interconnect (64 KiB is ~6 us of
 transfer at 10 GB/s, less than one collective's start-up on gloo or NCCL), so the way with fewer collective
-rounds wins: 2 against 4. Above it the gathered bytes grow with batch x world while the radix stays at
-~8 KB; on 2 CPU processes with gloo the two cross near this size (``python -m bench.distributed`` prints the
-sweep). The demo's race (32 samples x 16 tokens x 8 experts per process, 16 KiB) gathers; RaceDiT-XL/2 at 32
-per GPU (1 MiB per process) takes the radix select at any world size.
+rounds wins: 2 against 5 (a ring all-reduce also takes two rounds to an all-gather's one). Above it the
+gathered bytes grow with batch x world while the radix select stays at 8 KiB; on 2 CPU processes with gloo
+the two cross between 64 and 256 KiB gathered (``python -m bench.distributed`` prints the sweep). The demo's
+race (32 samples x 16 tokens x 8 experts per process, 16 KiB) gathers at 2 and 4 processes; RaceDiT-XL/2 at
+32 per GPU (1 MiB per process) takes the radix select at any world size.
 
-Communication per call (``comm_bytes``): radix, ``PASSES`` all-reduces of ``2**BITS`` int64, the first carrying
-35 more counts (4 x 2048 + 280 = 8,472 B) and 8 x world bytes when ties straddle the cut; gather, the first
-all-reduce (2,328 B) and world x (P + 1) x 4 <= 64 KiB + 4 x world. Neither grows with the batch.
+Communication per call (``comm_bytes``): the counts, 8 B x world, then either the radix select's ``PASSES``
+all-reduces of ``2**BITS`` int64 (4 x 2,048 B; plus 8 B x world when ties straddle the cut), or the gathered
+scores (at most 64 KiB). Neither grows with the batch; the world enters only through 8 B per process.
 ``gather_kth`` / ``gather_race_mask`` are the plain all-gather references it must equal bit for bit (they move
 every score, 4 x T x E x world bytes received, unbounded); they are the test oracle and the benchmark's
 baseline.
@@ -43,6 +42,7 @@ baseline.
 from __future__ import annotations
 
 import bisect
+import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,8 +55,7 @@ Ties = Literal["index", "all"]
 BITS = 8  # digit width: 4 passes of 256 bins cover the 32-bit key
 PASSES = 32 // BITS
 NBINS = 1 << BITS
-SIZE_BINS = 33  # ceil(log2(score count)) in 0..32: the one-hot that gives the largest padded size
-GATHER_BYTES = 64 * 1024  # all-gather the keys when world x padded size x 4 B is at most this (module doc)
+GATHER_BYTES = 64 * 1024  # all-gather the scores when world x the largest count x 4 B is at most this
 _SIGN = 1 << 31
 _MASK32 = (1 << 32) - 1
 
@@ -95,11 +94,9 @@ class RaceCut:
     kth: Tensor  # fp32 scalar: the K-th largest score of the union (a zero is +0.0)
     key: int  # its order-preserving key
     k_total: int  # K = k x the global token count
-    room: int  # how many entries equal to the K-th value the race takes (1 <= room <= equal)
-    equal: int  # how many entries of the union equal the K-th value
-    ties_before: int | None = (
-        None  # entries equal to it on the lower ranks (known when the keys were gathered)
-    )
+    room: int | None  # how many entries equal to the K-th value the race takes (1 <= room <= equal)
+    equal: int | None  # how many entries of the union equal the K-th value
+    ties_before: int | None = None  # of them on the lower ranks (known when the scores were gathered)
     method: str = "radix"  # "radix" or "gather"
 
 
@@ -110,17 +107,13 @@ def _signed_keys(scores: Tensor) -> Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _padded_size(n: int) -> int:
-    """The power of two a process pads its keys to in the gather (so that one summed one-hot gives the max)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def radix_cut(
     scores: Tensor,
     k_per_token: int,
     group: dist.ProcessGroup | None = None,
     bits: int = BITS,
     gather_bytes: int = GATHER_BYTES,
+    counts: bool = True,
 ) -> RaceCut:
     """The exact global cut of the expert race over every process's scores (T_r, E); see the module doc.
 
@@ -128,86 +121,94 @@ def radix_cut(
     a process group it is the cut of the local scores. ``bits``: digit width of the radix select, 8 (4 passes
     of 256 bins, the default) or 16 (2 passes of 65,536 bins: half the collectives, 64x the bytes).
     ``gather_bytes``: the size switch (0: always the radix select; tests force each way with it).
+    ``counts=False``: only ``kth`` and ``key`` are wanted (the gather way then skips counting the ties: ``room``,
+    ``equal`` and ``ties_before`` are None).
     """
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
-    passes, nbins = 32 // bits, 1 << bits
     if scores.ndim != 2:
         raise ValueError(f"race scores must be (T, E), got shape {tuple(scores.shape)}")
-    distributed = is_distributed()
-    world = dist.get_world_size(group) if distributed else 1
-    signed = _signed_keys(scores).reshape(-1)  # (N,) int32, signed order = float order
-    # Unsigned order as int32 bit patterns: digit p is (u >> shift) & (nbins - 1) (the mask undoes the sign
-    # extension of >>).
-    cand = signed ^ -_SIGN
-    shift = 32 - bits
-    digits = ((cand >> shift) & (nbins - 1)).long()
-    # First collective: histogram of the top digit | NaN count | token count | one-hot of log2(padded size).
-    head = torch.zeros(nbins + 2 + SIZE_BINS, dtype=torch.int64, device=scores.device)
-    head[:nbins] = torch.bincount(digits, minlength=nbins)
-    head[nbins] = torch.isnan(scores).sum()
-    head[nbins + 1] = scores.shape[0]
-    head[nbins + 2 + _padded_size(signed.numel()).bit_length() - 1] = 1
-    if distributed:
-        dist.all_reduce(head, group=group)
-    nan_count, tokens = int(head[nbins]), int(head[nbins + 1])
+    values = scores.detach().float().reshape(-1)  # (N,) fp32 (both ways treat -0.0 as +0.0)
+    # First collective: every process's score count and NaN count, packed in one int64 (count < 2**32).
+    local = values.numel() | int(values.isnan().sum()) << 32
+    if is_distributed():
+        packed = [
+            torch.zeros(1, dtype=torch.int64, device=values.device) for _ in range(dist.get_world_size(group))
+        ]
+        dist.all_gather(packed, torch.tensor([local], device=values.device), group=group)
+        per_rank = [int(c) for c in torch.cat(packed).tolist()]
+    else:
+        per_rank = [local]
+    sizes, nan_count = [c & _MASK32 for c in per_rank], sum(c >> 32 for c in per_rank)
     if nan_count:
         raise ValueError(
             f"router scores contain NaN ({nan_count} over all processes); check the model for a "
             "diverged forward (loss, lr)"
         )
+    experts = scores.shape[1]
+    tokens = sum(sizes) // experts
     k_total = k_per_token * tokens
-    if not 1 <= k_total <= tokens * scores.shape[1]:
-        raise ValueError(f"K = {k_total} is outside [1, {tokens * scores.shape[1]}] candidates")
-    padded = 1 << int(torch.nonzero(head[nbins + 2 :]).max())  # the largest process's padded size
-    if world * padded * 4 <= gather_bytes:
-        return _gathered_cut(signed, padded, k_total, group if distributed else None)
+    if not 1 <= k_total <= tokens * experts:
+        raise ValueError(f"K = {k_total} is outside [1, {tokens * experts}] candidates")
+    if len(sizes) * max(sizes) * 4 <= gather_bytes:
+        return _gathered_cut(values, sizes, k_total, group, counts)
+    return _radix_select(values, k_total, group, bits, distributed=len(sizes) > 1)
 
-    hist, k_rem, prefix, equal = head[:nbins], k_total, 0, 0
+
+def _gathered_cut(
+    values: Tensor, sizes: list[int], k_total: int, group: dist.ProcessGroup | None, counts: bool
+) -> RaceCut:
+    """The small way: gather every process's fp32 scores (padded to the largest) and take the cut of the
+    union locally. ``sizes``: every process's score count; one entry: no process group."""
+    if len(sizes) == 1:
+        union, before = values, values[:0]
+    else:
+        longest, rank = max(sizes), dist.get_rank(group)
+        mine = values.new_empty(longest)
+        mine[: values.numel()] = values
+        parts = [torch.empty_like(mine) for _ in sizes]
+        dist.all_gather(parts, mine, group=group)
+        union = torch.cat([part[:n] for part, n in zip(parts, sizes)])  # rank-major order
+        before = union[: sum(sizes[:rank])]
+    kth = torch.kthvalue(union, union.numel() - k_total + 1).values + 0.0  # the K-th largest, a zero as +0.0
+    room = equal = ties_before = None
+    if counts:
+        room = k_total - int((union > kth).sum())
+        equal = int((union == kth).sum())
+        ties_before = int((before == kth).sum())
+    (bits,) = struct.unpack("<i", struct.pack("<f", float(kth)))  # float_keys on a Python scalar
+    key = (_MASK32 - (bits & _MASK32)) if bits < 0 else bits + _SIGN
+    return RaceCut(kth, key, k_total, room, equal, ties_before, "gather")
+
+
+def _radix_select(
+    values: Tensor, k_total: int, group: dist.ProcessGroup | None, bits: int, distributed: bool
+) -> RaceCut:
+    """The large way: ``32 / bits`` passes of a ``2**bits``-bin histogram of the keys' next digit, summed
+    over processes by one all-reduce each (module doc)."""
+    passes, nbins = 32 // bits, 1 << bits
+    # Unsigned order as int32 bit patterns: digit p is (u >> shift) & (nbins - 1) (the mask undoes the sign
+    # extension of >>).
+    cand = _signed_keys(values) ^ -_SIGN
+    k_rem, prefix, equal = k_total, 0, 0
     for p in range(passes):
-        if p > 0:
-            shift = 32 - bits * (p + 1)
-            digits = ((cand >> shift) & (nbins - 1)).long()
-            hist = torch.bincount(digits, minlength=nbins)  # (nbins,) int64
-            if distributed:
-                dist.all_reduce(hist, group=group)
+        shift = 32 - bits * (p + 1)
+        digits = ((cand >> shift) & (nbins - 1)).long()
+        hist = torch.bincount(digits, minlength=nbins)  # (nbins,) int64
+        if distributed:
+            dist.all_reduce(hist, group=group)
         # Digits from the top: the chosen one is where the running count first reaches k_rem.
         from_top = torch.cumsum(hist.flip(0), 0).tolist()  # how many digits are >= nbins - 1 - i
         i = bisect.bisect_left(from_top, k_rem)
         digit = nbins - 1 - i
-        k_rem -= from_top[i - 1] if i > 0 else 0
-        equal = int(hist[digit])
+        below = from_top[i - 1] if i > 0 else 0
+        k_rem -= below
+        equal = from_top[i] - below
         prefix |= digit << shift
         if p < passes - 1:
             cand = cand[digits == digit]
-    kth = key_to_float(torch.tensor(prefix, dtype=torch.int64, device=scores.device))
+    kth = key_to_float(torch.tensor(prefix, dtype=torch.int64, device=values.device))
     return RaceCut(kth=kth, key=prefix, k_total=k_total, room=k_rem, equal=equal)
-
-
-def _gathered_cut(signed: Tensor, padded: int, k_total: int, group: dist.ProcessGroup | None) -> RaceCut:
-    """The small way: gather every process's signed keys (count in front, padded to ``padded``) and take the
-    cut of the union locally. ``group`` None: the local keys are the union."""
-    if group is None and not is_distributed():
-        union, before = signed, signed[:0]
-    else:
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        mine = torch.zeros(padded + 1, dtype=torch.int32, device=signed.device)
-        mine[0] = signed.numel()
-        mine[1 : 1 + signed.numel()] = signed
-        parts = torch.empty(world * (padded + 1), dtype=torch.int32, device=signed.device)
-        dist.all_gather_into_tensor(parts, mine, group=group)  # one flat buffer (what gloo accepts)
-        parts = parts.view(world, padded + 1)  # (world, 1 + padded): count, then keys
-        counts = parts[:, 0].tolist()
-        chunks = [parts[r, 1 : 1 + n] for r, n in enumerate(counts)]
-        union, before = torch.cat(chunks), torch.cat(chunks[:rank]) if rank else signed[:0]
-    n = union.numel()
-    kth_signed = torch.kthvalue(union, n - k_total + 1).values  # the K-th largest key
-    above = int((union > kth_signed).sum())
-    equal = int((union == kth_signed).sum())
-    key = int(kth_signed) + _SIGN  # unsigned key (``float_keys``)
-    kth = key_to_float(torch.tensor(key, dtype=torch.int64, device=signed.device))
-    ties_before = int((before == kth_signed).sum())
-    return RaceCut(kth, key, k_total, k_total - above, equal, ties_before, "gather")
 
 
 def global_race_mask(
@@ -248,7 +249,7 @@ def radix_kth(
 ) -> Tensor:
     """The K-th largest score of the union of every process's scores (T_r, E), K = k x global tokens.
     Collective; fp32 scalar, a zero returned as +0.0. Radix select, or one all-gather of small scores."""
-    return radix_cut(scores, k_per_token, group, bits, gather_bytes).kth
+    return radix_cut(scores, k_per_token, group, bits, gather_bytes, counts=False).kth
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -308,22 +309,21 @@ def gather_race_mask(
 def comm_bytes(world: int, tokens_per_rank: int, experts: int) -> dict[str, int | str]:
     """Bytes each process receives per call, from the algorithms (the benchmark's computed column).
 
-    ``allgather``: the reference (sizes, 8 B per rank, and every rank's fp32 scores). ``radix``: ``PASSES``
-    histograms of ``NBINS`` int64, the first carrying the NaN and token counts and the size one-hot (the
-    all-reduce's message size; a ring all-reduce moves about 2 (world - 1) / world of it per process, which does
-    not grow with the world either); ``radix_ties``: plus the tie counts (8 B per rank) when ties straddle
-    the cut. ``gather``: the first all-reduce and the padded keys of every rank. ``switch``: which of the two
+    ``allgather``: the reference (sizes, 8 B per rank, and every rank's fp32 scores). Both ways of
+    ``radix_cut`` start with the packed counts (8 B per rank). ``radix``: then ``PASSES`` histograms of
+    ``NBINS`` int64 (the all-reduce's message size; a ring all-reduce moves about 2 (world - 1) / world of it
+    per process, which does not grow with the world either); ``radix_ties``: plus the tie counts (8 B per
+    rank) when ties straddle the cut. ``gather``: then every rank's fp32 scores. ``switch``: which of the two
     ``radix_cut`` takes at the default ``GATHER_BYTES``, and ``switched`` its bytes (ties excluded)."""
-    head = (NBINS + 2 + SIZE_BINS) * 8
-    radix = head + (PASSES - 1) * NBINS * 8
-    padded = _padded_size(tokens_per_rank * experts)
-    gather = head + world * (padded + 1) * 4
-    small = world * padded * 4 <= GATHER_BYTES
+    counts = 8 * world
+    radix = counts + PASSES * NBINS * 8
+    gathered = world * tokens_per_rank * experts * 4
+    small = gathered <= GATHER_BYTES
     return {
-        "allgather": 8 * world + 4 * tokens_per_rank * experts * world,
+        "allgather": 8 * world + gathered,
         "radix": radix,
         "radix_ties": radix + 8 * world,
-        "gather": gather,
+        "gather": counts + gathered,
         "switch": "gather" if small else "radix",
-        "switched": gather if small else radix,
+        "switched": counts + gathered if small else radix,
     }
