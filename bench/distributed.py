@@ -98,6 +98,26 @@ def _count_collectives() -> dict[str, int]:
     return counts
 
 
+def _collective_medians(fns: dict[str, object], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each collective function, interleaved, each call started on every process
+    together (a barrier first: a process that arrives late would otherwise charge its lateness to the
+    others' next collective)."""
+    import statistics
+    import time
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def _kth_bench(rank: int, repeats: int) -> tuple[list[list[object]], list[list[object]]]:
     from racedit.routing.distributed import gather_kth, radix_cut, radix_kth
 
@@ -121,11 +141,9 @@ def _kth_bench(rank: int, repeats: int) -> tuple[list[list[object]], list[list[o
             fn(scores, k)
             c["restore"]()
             counted[name] = c["bytes"]
-        t = interleaved_medians(
+        t = _collective_medians(
             {name: (lambda fn=fn, s=scores, k=k: fn(s, k)) for name, fn in ways.items()},
-            repeats=repeats,
-            warmup=2,
-            inner=5,
+            repeats=repeats * (10 if experts == 8 else 2),
         )
         rows.append(
             [
@@ -141,11 +159,8 @@ def _kth_bench(rank: int, repeats: int) -> tuple[list[list[object]], list[list[o
     sweep = []
     for n in (1 << 10, 1 << 12, 1 << 13, 1 << 14, 1 << 15, 1 << 16, 1 << 18):
         scores = torch.randn(n // 8, 8, generator=torch.Generator().manual_seed(rank))
-        t = interleaved_medians(
-            {w: (lambda fn=ways[w], s=scores: fn(s, 2)) for w in ("gather", "radix")},
-            repeats=repeats,
-            warmup=2,
-            inner=5,
+        t = _collective_medians(
+            {w: (lambda fn=ways[w], s=scores: fn(s, 2)) for w in ("gather", "radix")}, repeats=repeats * 4
         )
         sweep.append(
             [n, f"{2 * n * 4 / 1024:,.0f}", t["gather"] * 1e3, t["radix"] * 1e3, t["gather"] / t["radix"]]

@@ -23,13 +23,15 @@ the global token count, and which of the entries equal to it are in) is found in
    ``all_gather`` of each process's tie count gives the exclusive prefix over ranks, and a process takes
    ``clamp(room - prefix, 0, its ties)`` of its own ties, lowest index first.
 
-Why ``GATHER_BYTES`` = 64 KiB: below it both ways are latency-bound on any interconnect (64 KiB is ~6 us of
-transfer at 10 GB/s, less than one collective's start-up on gloo or NCCL), so the way with fewer collective
-rounds wins: 2 against 5 (a ring all-reduce also takes two rounds to an all-gather's one). Above it the
-gathered bytes grow with batch x world while the radix select stays at 8 KiB; on 2 CPU processes with gloo
-the two cross between 64 and 256 KiB gathered (``python -m bench.distributed`` prints the sweep). The demo's
-race (32 samples x 16 tokens x 8 experts per process, 16 KiB) gathers at 2 and 4 processes; RaceDiT-XL/2 at
-32 per GPU (1 MiB per process) takes the radix select at any world size.
+Why ``GATHER_BYTES`` = 64 KiB: it bounds what a layer may move by a fixed multiple of the radix select's
+8 KiB (8x), whatever the batch and world, while saving three collective rounds where the scores are few
+(2 collectives against 5; a ring all-reduce also takes two rounds to an all-gather's one). Up to it both ways
+are latency-bound on any interconnect (64 KiB is ~6 us of transfer at 10 GB/s, below one collective's
+start-up on gloo or NCCL), so the gather cannot lose there. It is not where the two cross on one CPU host:
+there the gather stays faster up to at least 2 MiB (shared memory is fast, and the radix passes cost CPU
+time; ``python -m bench.distributed`` prints the sweep), but over a network the gathered bytes grow with
+batch x world. The demo's race (32 samples x 16 tokens x 8 experts per process, 16 KiB) gathers at 2 and 4
+processes; RaceDiT-XL/2 at 32 per GPU (1 MiB per process) takes the radix select at any world size.
 
 Communication per call (``comm_bytes``): the counts, 8 B x world, then either the radix select's ``PASSES``
 all-reduces of ``2**BITS`` int64 (4 x 2,048 B; plus 8 B x world when ties straddle the cut), or the gathered
