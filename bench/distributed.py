@@ -1,17 +1,21 @@
 """Scale-out: the distributed expert-race K-th value, and FSDP against DDP (2 CPU processes, gloo).
 
 1. **Bytes per MoE layer** each process receives to find the global K-th score: the all-gather reference
-   (every score of every rank) against the radix select (4 all-reduces of a 256-bin histogram), computed from
-   the algorithms at world 2, 8 and 64 with 32 samples x 256 tokens x 32 experts per GPU (RaceDiT-XL/2-4in32,
-   batch 32 per GPU), and counted at world 2 (the tensors actually handed to the collectives).
-2. **Time per layer** of both at world 2 on CPU at the demo's shapes (64 samples x 16 tokens x 8 experts per
-   process), interleaved repeats, median.
-3. **FSDP vs DDP** on the same tiny model (the demo's RaceDiT-S/2-2in8 at width 128, depth 4), 2 processes:
-   train-step time (forward, backward, AdamW, EMA) and the bytes of parameters + gradients + AdamW state + EMA
-   held per process after a step (local shards under FSDP).
+   (every score of every rank) against ``radix_cut`` (its counts, then the gathered scores when they are at most
+   64 KiB, else the radix select's 4 all-reduces of a 256-bin histogram), computed from the algorithms at world
+   2, 8 and 64 for the demo (32 samples x 16 tokens x 8 experts per process) and RaceDiT-XL/2-4in32 (32 x 256 x
+   32 per GPU), and counted at world 2 (the tensors actually handed to the collectives).
+2. **Time per layer** at world 2 on CPU at both shapes: the reference, the switch's choice, each way forced,
+   and a size sweep where the two ways cross; every call started together on both processes (a barrier
+   before it), interleaved repeats, median.
+3. **FSDP vs DDP** on the same tiny model (the demo's RaceDiT-S/2-2in8 at width 128, depth 4, 32 per process),
+   2 processes: train-step time (forward, backward, clipping, AdamW, EMA) as wall and process CPU time per
+   interleaved round, and the bytes of parameters + gradients + AdamW state + EMA held per process after a
+   step (local shards under FSDP), for ``train.fsdp_reshard_after_forward`` true and false.
 
     python -m bench.distributed
-    python -m bench.distributed --repeats 10 --width 256
+    python -m bench.distributed --kth-only
+    python -m bench.distributed --train-repeats 41 --width 256
 
 CPU numbers from a shared machine: read the ratios, not the absolute times.
 """
@@ -26,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.common import interleaved_medians, print_table
+from bench.common import print_table
 
 LAYERS_XL = 28  # MoE layers of RaceDiT-XL/2-4in32 (every block)
 
@@ -168,8 +172,10 @@ def _kth_bench(rank: int, repeats: int) -> tuple[list[list[object]], list[list[o
     return rows, sweep
 
 
-def _train_bench(rank: int, repeats: int, width: int, depth: int) -> list[list[object]]:
+def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) -> list[list[object]]:
     import copy
+    import statistics
+    import time
 
     from torch.nn.parallel import DistributedDataParallel
 
@@ -193,40 +199,69 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int) -> list[list[o
     base = DiT(**model_kwargs(cfg))
     g = torch.Generator().manual_seed(rank)
     x, t, y = (
-        torch.randn(64, 1, 8, 8, generator=g),
-        torch.rand(64, generator=g) * 1000,
-        torch.randint(0, 10, (64,), generator=g),
+        torch.randn(batch, 1, 8, 8, generator=g),
+        torch.rand(batch, generator=g) * 1000,
+        torch.randint(0, 10, (batch,), generator=g),
     )
 
     setups = {}
-    for kind in ("ddp", "fsdp"):
+    for kind in ("ddp", "fsdp", "fsdp keep"):  # keep: train.fsdp_reshard_after_forward=false
         model = copy.deepcopy(base)
         ema = EMA(model, 0.999)
-        if kind == "fsdp":
-            sharded.shard(model, torch.device("cpu"))
+        if kind.startswith("fsdp"):
+            sharded.shard(model, torch.device("cpu"), reshard_after_forward=kind == "fsdp")
             sharded.shard(ema.model, torch.device("cpu"))
             wrapped = model
         else:
             wrapped = DistributedDataParallel(model, static_graph=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        setups[kind] = (model, wrapped, opt, ema)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's CPU default
+        clip = sharded.clip_grad_norm_ if kind.startswith("fsdp") else torch.nn.utils.clip_grad_norm_
+        setups[kind] = (model, wrapped, opt, ema, clip)
 
     def step(kind: str) -> None:
-        model, wrapped, opt, ema = setups[kind]
+        model, wrapped, opt, ema, clip = setups[kind]
         out = wrapped(x, t, y, aux=ForwardAux())
         out.float().pow(2).mean().backward()
+        clip(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=False)  # keep gradients allocated: they are part of the state measured
         ema.update(model, 0)
 
-    times = interleaved_medians({k: (lambda k=k: step(k)) for k in setups}, repeats=repeats, warmup=2)
+    # Interleaved steps, each started together on both processes; wall and process CPU time per step.
+    for _ in range(2):
+        for kind in setups:
+            step(kind)
+    wall: dict[str, list[float]] = {k: [] for k in setups}
+    cpu: dict[str, list[float]] = {k: [] for k in setups}
+    for _ in range(repeats):
+        for kind in setups:
+            dist.barrier()
+            w, c = time.perf_counter(), time.process_time()
+            step(kind)
+            cpu[kind].append(time.process_time() - c)
+            wall[kind].append(time.perf_counter() - w)
     rows = []
-    for kind, (model, _, opt, ema) in setups.items():
+    base_cpu = statistics.median(cpu["ddp"])
+    base_wall = statistics.median(wall["ddp"])
+    for kind, (model, _, opt, ema, _) in setups.items():
         state = sharded.state_bytes(model, opt) + sharded.state_bytes(ema.model)
-        rows.append([kind, times[kind] * 1e3, state / 2**20])
-    base_t, base_m = rows[0][1], rows[0][2]
+        c = sorted(cpu[kind])
+        ratios = sorted(a / b for a, b in zip(cpu[kind], cpu["ddp"]))  # per interleaved round
+        rows.append(
+            [
+                kind,
+                statistics.median(wall[kind]) * 1e3,
+                statistics.median(c) * 1e3,
+                f"{c[len(c) // 4] * 1e3:.1f}-{c[(3 * len(c)) // 4] * 1e3:.1f}",
+                statistics.median(c) / base_cpu,
+                f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}",
+                statistics.median(wall[kind]) / base_wall,
+                state / 2**20,
+            ]
+        )
+    base_m = rows[0][-1]
     for row in rows:
-        row += [row[1] / base_t, row[2] / base_m]
+        row.append(row[-1] / base_m)
     return rows
 
 
@@ -234,7 +269,9 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, que
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     kth_rows = _kth_bench(rank, args.repeats)
-    train_rows = [] if args.kth_only else _train_bench(rank, args.repeats, args.width, args.depth)
+    train_rows = (
+        [] if args.kth_only else _train_bench(rank, args.train_repeats, args.width, args.depth, args.batch)
+    )
     queue.put((rank, kth_rows, train_rows))
     dist.barrier()
     dist.destroy_process_group()
@@ -245,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--width", type=int, default=128, help="FSDP vs DDP model width (the demo's: 128)")
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--batch", type=int, default=32, help="FSDP vs DDP samples per process (the demo's: 32)")
+    p.add_argument("--train-repeats", type=int, default=21, help="interleaved FSDP/DDP step rounds")
     p.add_argument("--kth-only", action="store_true", help="only the K-th tables (skip FSDP vs DDP)")
     args = p.parse_args(argv)
     computed_bytes_table()
@@ -287,9 +326,20 @@ def main(argv: list[str] | None = None) -> None:
     if not train_rows:
         return
     print_table(
-        f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, 64 per process "
-        "(rank 0; state = params + grads + AdamW + EMA held by the process)",
-        ["mode", "step ms", "state MiB", "time / DDP", "state / DDP"],
+        f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, {args.batch} per "
+        "process, forward + backward + clip + AdamW + EMA (rank 0; medians of interleaved rounds; IQR = "
+        "interquartile range; state = params + grads + AdamW + EMA held by the process)",
+        [
+            "mode",
+            "step ms (wall)",
+            "step ms (CPU)",
+            "CPU IQR",
+            "CPU / DDP",
+            "CPU / DDP IQR (per round)",
+            "wall / DDP",
+            "state MiB",
+            "state / DDP",
+        ],
         train_rows,
     )
 

@@ -63,6 +63,11 @@ class TrainConfig:
     # data parallelism under a multi-process launch: "ddp" replicates model, gradients, AdamW state and EMA;
     # "fsdp" shards all four over the processes (torch FSDP2 per DiT block, racedit/training/sharded.py)
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: true frees each block's full weights after its forward and all-gathers them again in backward (full
+    # weights of one block at a time); false keeps them from forward to backward (no backward all-gathers, the
+    # full weights of every block held during the step: parameter memory of DDP at the peak). The last block
+    # is never resharded after forward (its backward comes next)
+    fsdp_reshard_after_forward: bool = True
     # --- EMA of the weights (fp32) -----------------------------------------------------------
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + step) / (10 + step)) (short runs)

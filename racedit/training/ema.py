@@ -20,6 +20,8 @@ import copy
 import torch
 from torch import nn
 
+from racedit.training.sharded import local
+
 
 class EMA:
     """Holds an fp32 copy of ``model`` (eval mode, no gradients) and updates it in place."""
@@ -40,9 +42,9 @@ class EMA:
         decay = self.decay_at(step)
         live_params = dict(model.named_parameters())
         ema_f, live_f = [], []
-        for name, p in self.model.named_parameters():
-            ema_f.append(p)
-            live_f.append(live_params[name].detach().float())
+        for name, p in self.model.named_parameters():  # sharded (FSDP): the local shards, no DTensor ops
+            ema_f.append(local(p))
+            live_f.append(local(live_params[name].detach()).float())
         live_buffers = dict(model.named_buffers())
         unset = {  # modules whose threshold the EMA model has not received yet
             name.removesuffix("updates")

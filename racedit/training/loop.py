@@ -214,7 +214,7 @@ class Trainer:
             reason = sharded.check_config(tc.mixed_precision)
             if reason:
                 raise ConfigError(reason)
-            sharded.shard(model, self.device)
+            sharded.shard(model, self.device, tc.fsdp_reshard_after_forward)
             sharded.shard(self.ema.model, self.device)
         from racedit.training.optim import build_adamw
 

@@ -50,15 +50,21 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard(model: nn.Module, device: torch.device) -> nn.Module:
-    """Apply FSDP2 to every DiT block, then to the root (in place; the module keeps its class and names)."""
+def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
+    """Apply FSDP2 to every DiT block, then to the root (in place; the module keeps its class and names).
+
+    ``reshard_after_forward`` (``train.fsdp_reshard_after_forward``): True frees a block's full weights after its
+    forward and all-gathers them again in backward; False keeps them until backward (one all-gather per block
+    and step instead of two). The last block keeps them either way (its backward starts right after the
+    forward), and so does the root (FSDP2's default for it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
+    last = len(model.blocks) - 1
+    for i, block in enumerate(model.blocks):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and i < last)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -108,15 +114,16 @@ def local(t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterator[nn.Parameter], max_norm: float) -> Tensor:
-    """Global L2 norm of the sharded gradients (local sums of squares, one all-reduce), then clip in place.
+    """Global L2 norm of the sharded gradients (per-shard norms by one foreach kernel, one all-reduce of the
+    sum of squares), then clip the local shards in place.
 
     The same norm as ``torch.nn.utils.clip_grad_norm_`` on the full gradients, up to the summation order.
     """
     grads = [local(p.grad) for p in parameters if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        squares += g.float().pow(2).sum()
+    if grads:
+        squares = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(squares)
     norm = squares.sqrt()
