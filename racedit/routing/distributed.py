@@ -109,6 +109,7 @@ def _signed_keys(scores: Tensor) -> Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+@torch.compiler.disable  # host-side decisions between collectives: runs eagerly inside a compiled model
 def radix_cut(
     scores: Tensor,
     k_per_token: int,
@@ -213,6 +214,7 @@ def _radix_select(
     return RaceCut(kth=kth, key=prefix, k_total=k_total, room=k_rem, equal=equal)
 
 
+@torch.compiler.disable
 def global_race_mask(
     scores: Tensor,
     k_per_token: int,

@@ -194,3 +194,108 @@ def test_sharded_checkpoint_metadata_cannot_run_code(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps(Evil()))
     with path.open("rb") as fh, pytest.raises(pickle.UnpicklingError, match="builtins.print"):
         read_metadata_file(fh)
+
+
+@pytest.mark.timeout(900)  # a bound on a hang, not a timing check
+def test_fsdp_gradient_accumulation_agrees_with_ddp(tmp_path: Path) -> None:
+    # 2 processes x grad_accum 2 (micro-batches of 4): FSDP skips the reduce-scatter on the first micro-batch
+    # (set_requires_gradient_sync) and reduce-scatters the accumulated gradient once; DDP all-reduces every
+    # micro-batch. Both see the same micro-batches, noise and routing, so the accumulated mean gradient is the
+    # same up to rounding: the first loss is bitwise equal (same forward), and weights after 2 steps agree
+    # within the tolerance derived in test_fsdp_agrees_with_ddp (a few ulp per AdamW update of size ~lr).
+    runs = {}
+    for kind in ("fsdp", "ddp"):
+        out = tmp_path / kind
+        r = launch(tmp_path, run_cfg(out, kind, max_steps=2, grad_accum=2, checkpoint_every=2), 2)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        runs[kind] = out
+    la, lb = losses(runs["fsdp"]), losses(runs["ddp"])
+    assert len(la) == len(lb) == 2 and la[0] == lb[0]
+    assert la == pytest.approx(lb, rel=1e-6)
+    for tag in ("end_model", "end_ema"):
+        fa, fb = (load_file(runs[k] / f"{tag}.safetensors") for k in ("fsdp", "ddp"))
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            torch.testing.assert_close(fa[k], fb[k], rtol=2.4e-7, atol=1e-8, msg=f"{tag} {k}")
+    setup, end = (load_file(runs["fsdp"] / f"{tag}_model.safetensors") for tag in ("setup", "end"))
+    assert any(not torch.equal(setup[k], end[k]) for k in end)  # it trained
+
+
+COMPILE_SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+import racedit
+from racedit.diffusion import DiffusionConfig, build_objective
+from racedit.models import ForwardAux
+from racedit.moe.losses import aux_losses
+from racedit.training import sharded
+
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = racedit.build_model(
+    "RaceDiT-S/2-2in8", input_size=8, num_classes=10, hidden_size=32, depth=2, num_heads=2, in_channels=4
+).train()
+sharded.shard(model, torch.device("cpu"))
+objective = build_objective(DiffusionConfig(objective="flow"), learn_sigma=model.arch.learn_sigma)
+
+
+def loss_of(net):
+    g = torch.Generator().manual_seed(3 + rank)
+    x0, y = torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    torch.manual_seed(5 + rank)  # label dropout draws from the global RNG
+    aux = ForwardAux()
+    out = objective.training_loss(net, x0, y, aux=aux, generator=torch.Generator().manual_seed(7 + rank))
+    return out.loss + sum(aux_losses(aux, model.patchify(out.target), model.arch.moe).values())
+
+
+start = {n: b.clone() for n, b in model.named_buffers()}
+eager = loss_of(model)
+eager.backward()
+grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+buffers = {n: b.clone() for n, b in model.named_buffers()}
+model.zero_grad(set_to_none=True)
+for n, b in model.named_buffers():
+    b.copy_(start[n])  # the same threshold state for the compiled step
+compiled = loss_of(torch.compile(model, backend="aot_eager"))  # as train.compile=true wraps the sharded model
+compiled.backward()
+errors = []
+try:
+    # test_compile.py's tolerances (same float32 math, sums reordered by the compiler)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in grads:
+            # the reduce-scattered mean gradient, gathered
+            torch.testing.assert_close(p.grad.full_tensor(), grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n  # the same threshold update (global K-th value, outside the graph)
+    assert all(hasattr(p, "to_local") for p in model.parameters())  # still sharded
+except AssertionError as err:
+    errors.append(str(err))
+with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
+    json.dump({"errors": errors, "loss": eager.item()}, fh)
+from racedit.distributed import exit_command, teardown
+teardown()
+exit_command(0)
+"""
+
+
+@pytest.mark.slow  # compiling takes most of a minute on 2 loaded cores (like test_compile.py)
+@pytest.mark.timeout(900)  # a bound on a hang, not a timing check
+def test_compiled_fsdp_step_matches_eager(tmp_path: Path) -> None:
+    # train.compile=true under FSDP: torch.compile of the sharded model (FSDP2's hooks run eagerly, the blocks
+    # are compiled; the race cut is a compiler-disabled collective). aot_eager runs the graph capture,
+    # AOTAutograd and functionalisation inductor consumes, at a fraction of the compile time (test_compile.py).
+    script = tmp_path / "compile_fsdp.py"
+    script.write_text(COMPILE_SCRIPT)
+    out = tmp_path / "result"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
+    r = run_python(args, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    results = [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
+    assert results[0]["errors"] == results[1]["errors"] == []
+    assert (
+        results[0]["loss"] != results[1]["loss"]
+    )  # each rank its own data: the gradient mean is a real mean
