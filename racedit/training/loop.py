@@ -696,9 +696,17 @@ class Trainer:
         """Export the EMA model (+ sampling.json), the final grid, the loss curve and the demo report."""
         acc = self.accelerator
         export_dir, report = None, {}
-        ema_model = self.sampling_model()  # FSDP: gathered here, on every process
+        sc = self.cfg.sample
+        if self.fsdp:  # streamed one tensor at a time; the full model is gathered only if it samples
+            from racedit.training.sharded import save_full
+
+            export_dir = save_full(
+                self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)), self.out / "final"
+            )
+        ema_model = self.sampling_model() if not self.fsdp or sc.final_grid or sc.report_per_class else None
         if acc.is_main_process:
-            export_dir = save_model(ema_model, self.out / "final")
+            if not self.fsdp:
+                export_dir = save_model(ema_model, self.out / "final")
             from racedit.sampling import write_sampling_meta
             from racedit.vae import DEFAULT_SCALING, DEFAULT_VAE
 
