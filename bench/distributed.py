@@ -14,7 +14,7 @@
    step (local shards under FSDP), for ``train.fsdp_reshard_after_forward`` true and false.
 
     python -m bench.distributed
-    python -m bench.distributed --kth-only
+    python -m bench.distributed --parts kth
     python -m bench.distributed --train-repeats 41 --width 256
 
 CPU numbers from a shared machine: read the ratios, not the absolute times.
@@ -265,14 +265,68 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) ->
     return rows
 
 
+def _export_bench(rank: int, width: int, depth: int) -> list[list[object]]:
+    """Peak CPU memory allocated on the main process while exporting the sharded EMA model: gathering the full
+    model then ``save_model`` (before) against ``sharded.save_full`` (one tensor at a time)."""
+    from bench.common import peak_step_memory
+    from racedit.models import DiT, save_model
+    from racedit.models.loading import model_kwargs
+    from racedit.models.registry import resolve_model_config
+    from racedit.training import sharded
+
+    cfg = resolve_model_config(
+        "RaceDiT-S/2-2in8",
+        hidden_size=width,
+        depth=depth,
+        num_heads=4,
+        input_size=8,
+        in_channels=1,
+        num_classes=10,
+    )
+    torch.manual_seed(0)
+    model = DiT(**model_kwargs(cfg))
+    full_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    largest = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    sharded.shard(model, torch.device("cpu"))
+
+    def build():
+        return DiT(**model_kwargs(cfg))
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def gather_then_save() -> None:
+            plain = sharded.full_model(model, build)
+            if rank == 0:
+                save_model(plain, os.path.join(tmp, "old"))
+
+        def streamed() -> None:
+            sharded.save_full(model, build, os.path.join(tmp, "new"))
+
+        for name, fn in (
+            ("gather the model, save_model", gather_then_save),
+            ("save_full (streamed)", streamed),
+        ):
+            fn()  # warm-up (imports, first allocations)
+            dist.barrier()
+            peak = peak_step_memory(fn, "cpu") if rank == 0 else (fn() or 0)
+            rows.append([name, peak / 2**20, peak / full_bytes])
+    rows.append(["(the model's full state; its largest tensor)", full_bytes / 2**20, largest / full_bytes])
+    return rows
+
+
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    kth_rows = _kth_bench(rank, args.repeats)
-    train_rows = (
-        [] if args.kth_only else _train_bench(rank, args.train_repeats, args.width, args.depth, args.batch)
+    parts = args.parts.split(",")
+    kth = _kth_bench(rank, args.repeats) if "kth" in parts else None
+    train = (
+        _train_bench(rank, args.train_repeats, args.width, args.depth, args.batch)
+        if "train" in parts
+        else None
     )
-    queue.put((rank, kth_rows, train_rows))
+    export = _export_bench(rank, args.width, args.depth) if "export" in parts else None
+    queue.put((rank, kth, train, export))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -284,9 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--batch", type=int, default=32, help="FSDP vs DDP samples per process (the demo's: 32)")
     p.add_argument("--train-repeats", type=int, default=21, help="interleaved FSDP/DDP step rounds")
-    p.add_argument("--kth-only", action="store_true", help="only the K-th tables (skip FSDP vs DDP)")
+    p.add_argument("--parts", default="kth,train,export", help="comma-separated subset of kth,train,export")
     args = p.parse_args(argv)
-    computed_bytes_table()
+    if "kth" in args.parts:
+        computed_bytes_table()
     world = 2
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -295,53 +350,62 @@ def main(argv: list[str] | None = None) -> None:
         procs = [ctx.Process(target=_worker, args=(r, world, init_file, args, queue)) for r in range(world)]
         for proc in procs:
             proc.start()
-        results = dict((r, (k, tr)) for r, k, tr in (queue.get() for _ in procs))
+        results = {r: rest for r, *rest in (queue.get() for _ in procs)}
         for proc in procs:
             proc.join()
-    (kth_rows, sweep), train_rows = results[0]
-    print_table(
-        "K-th score per MoE layer at world 2 (gloo, 2 CPU processes): bytes counted, time measured (rank 0, "
-        "median of interleaved repeats)",
-        [
-            "scores per process",
-            "switch takes",
-            "reference B",
-            "switch B",
-            "radix 4x256 B",
-            "radix 2x65536 B",
-            "reference ms",
-            "switch ms",
-            "radix 4x256 ms",
-            "radix 2x65536 ms",
-            "switch / reference",
-            "radix / reference",
-        ],
-        kth_rows,
-    )
-    print_table(
-        "Where the two exact ways cross at world 2 (gloo, CPU): per-process scores swept",
-        ["scores per process", "gathered KiB (world 2)", "gather ms", "radix ms", "gather / radix"],
-        sweep,
-    )
-    if not train_rows:
-        return
-    print_table(
-        f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, {args.batch} per "
-        "process, forward + backward + clip + AdamW + EMA (rank 0; medians of interleaved rounds; IQR = "
-        "interquartile range; state = params + grads + AdamW + EMA held by the process)",
-        [
-            "mode",
-            "step ms (wall)",
-            "step ms (CPU)",
-            "CPU IQR",
-            "CPU / DDP",
-            "CPU / DDP IQR (per round)",
-            "wall / DDP",
-            "state MiB",
-            "state / DDP",
-        ],
-        train_rows,
-    )
+    kth, train, export = results[0]
+    if kth is not None:
+        kth_rows, sweep = kth
+        print_table(
+            "K-th score per MoE layer at world 2 (gloo, 2 CPU processes): bytes counted, time measured (rank 0, "
+            "median of interleaved repeats, a barrier before each call)",
+            [
+                "scores per process",
+                "switch takes",
+                "reference B",
+                "switch B",
+                "radix 4x256 B",
+                "radix 2x65536 B",
+                "reference ms",
+                "switch ms",
+                "radix 4x256 ms",
+                "radix 2x65536 ms",
+                "switch / reference",
+                "radix / reference",
+            ],
+            kth_rows,
+        )
+        print_table(
+            "Where the two exact ways cross at world 2 (gloo, CPU): per-process scores swept",
+            ["scores per process", "gathered KiB (world 2)", "gather ms", "radix ms", "gather / radix"],
+            sweep,
+        )
+    if train is not None:
+        print_table(
+            f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, {args.batch} "
+            "per process, forward + backward + clip + AdamW + EMA (rank 0; medians of interleaved rounds; IQR = "
+            "interquartile range; state = params + grads + AdamW + EMA held by the process; fsdp keep = "
+            "train.fsdp_reshard_after_forward=false)",
+            [
+                "mode",
+                "step ms (wall)",
+                "step ms (CPU)",
+                "CPU IQR",
+                "CPU / DDP",
+                "CPU / DDP IQR (per round)",
+                "wall / DDP",
+                "state MiB",
+                "state / DDP",
+            ],
+            train,
+        )
+    if export is not None:
+        print_table(
+            f"Exporting the sharded EMA model (width {args.width}, depth {args.depth}, 2 processes): peak CPU "
+            "memory allocated on the main process during the export (torch profiler)",
+            ["export", "peak MiB", "peak / full model"],
+            export,
+        )
 
 
 if __name__ == "__main__":

@@ -203,9 +203,11 @@ def test_sharded_checkpoint_metadata_cannot_run_code(tmp_path: Path) -> None:
 def test_fsdp_gradient_accumulation_agrees_with_ddp(tmp_path: Path) -> None:
     # 2 processes x grad_accum 2 (micro-batches of 4): FSDP skips the reduce-scatter on the first micro-batch
     # (set_requires_gradient_sync) and reduce-scatters the accumulated gradient once; DDP all-reduces every
-    # micro-batch. Both see the same micro-batches, noise and routing, so the accumulated mean gradient is the
-    # same up to rounding: the first loss is bitwise equal (same forward), and weights after 2 steps agree
-    # within the tolerance derived in test_fsdp_agrees_with_ddp (a few ulp per AdamW update of size ~lr).
+    # micro-batch. Both see the same micro-batches, noise and routing, so the first loss is bitwise equal (same
+    # forward) and the gradients differ only in the order of their four-term sums (2 ranks x 2 micro-batches).
+    # AdamW moves an element by at most ~lr = 1e-3 per step (|m_hat / sqrt(v_hat)| <= 1 early on); a rounding
+    # difference in a gradient that is itself a near-cancellation (|g| near eps = 1e-8) changes that ratio by up
+    # to ~1e-4 of itself, so two steps may differ by 2 x 1e-4 x lr = 2e-7 in a weight (seen: 3e-8).
     runs = {}
     for kind in ("fsdp", "ddp"):
         out = tmp_path / kind
@@ -219,7 +221,7 @@ def test_fsdp_gradient_accumulation_agrees_with_ddp(tmp_path: Path) -> None:
         fa, fb = (load_file(runs[k] / f"{tag}.safetensors") for k in ("fsdp", "ddp"))
         assert fa.keys() == fb.keys()
         for k in fa:
-            torch.testing.assert_close(fa[k], fb[k], rtol=2.4e-7, atol=1e-8, msg=f"{tag} {k}")
+            torch.testing.assert_close(fa[k], fb[k], rtol=0, atol=2e-7, msg=f"{tag} {k}")
     setup, end = (load_file(runs["fsdp"] / f"{tag}_model.safetensors") for tag in ("setup", "end"))
     assert any(not torch.equal(setup[k], end[k]) for k in end)  # it trained
 
