@@ -9,7 +9,8 @@ How the pieces are sharded (every process holds 1/world of each, dim 0 of every 
 - **Gradients** are reduce-scattered by FSDP (means over processes); **AdamW** state follows its parameters.
 - **EMA**: the fp32 EMA copy is sharded the same way and updated shard by shard (``torch._foreach_lerp_`` on
   the DTensors works on the local shards): no full parameter is gathered per step. The full EMA model is
-  gathered only to sample a grid and for the final export (``full_model``, a collective).
+  gathered only to sample a grid or the demo report (``full_model``, a collective); the final export streams
+  it one tensor at a time (``save_full``).
 - **Checkpoints**: model, EMA and optimizer go through DCP into ``<checkpoint>/dcp/`` (one file per process +
   ``.metadata``), written inside the trainer's atomic temporary directory and covered by its manifest. DCP
   reshards on load, so a checkpoint written by N processes resumes on M. Its ``.metadata`` is a pickle: we
@@ -193,7 +194,8 @@ _SAFETENSORS_DTYPES = {
 def save_full(model: nn.Module, build: Callable[[], nn.Module], path: Path) -> Path | None:
     """Export a sharded model's full weights as ``save_pretrained`` does (``config.json`` + ``model.safetensors``,
     atomically), one tensor at a time: every process joins each parameter's all-gather and the main process
-    appends it to the file, so the peak is one full tensor, not the model (RaceDiT-XL/2: ~40 MB, not ~11 GB).
+    appends it to the file, so the peak is one full tensor, not the model (RaceDiT-XL/2-4in32: 0.17 GB, not
+    11.2 GB).
     Collective; returns the directory on the main process, None elsewhere.
 
     The safetensors header (names, dtypes, shapes, offsets) is known from the shards' global shapes before any
