@@ -8,7 +8,7 @@ How the pieces are sharded (every process holds 1/world of each, dim 0 of every 
   its forward and backward. Buffers (the race thresholds ``tau``) stay replicated.
 - **Gradients** are reduce-scattered by FSDP (means over processes); **AdamW** state follows its parameters.
 - **EMA**: the fp32 EMA copy is sharded the same way and updated shard by shard (``torch._foreach_lerp_`` on
-  the DTensors works on the local shards): no full parameter is gathered per step. The full EMA model is
+  their local shards, no DTensor dispatch): no full parameter is gathered per step. The full EMA model is
   gathered only to sample a grid or the demo report (``full_model``, a collective); the final export streams
   it one tensor at a time (``save_full``).
 - **Checkpoints**: model, EMA and optimizer go through DCP into ``<checkpoint>/dcp/`` (one file per process +
