@@ -239,3 +239,13 @@ def test_layer_strategy_is_bound_from_the_config(impl):
     strategy = MoEFeedForward(8, 32, cfg, 0, 4).strategy
     assert (strategy.name, strategy.k, strategy.ties, strategy.scope) == ("race", 2, "all", "global")
     assert strategy.impl == ("auto" if impl == "grouped_mm" else impl) == cfg.routing_impl
+
+
+def test_config_routers_are_the_routing_strategies():
+    """MoEConfig.router's choices and the routing registry name the same strategies."""
+    from typing import get_args
+
+    from racedit.moe.config import Router
+    from racedit.routing import STRATEGIES
+
+    assert set(get_args(Router)) == set(STRATEGIES)
