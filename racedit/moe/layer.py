@@ -195,8 +195,9 @@ def inference_batch_dependence(model: nn.Module) -> str | None:
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.eval_batch_dependent()]
     if not layers:
         return None
-    cfg = layers[0].cfg
-    if cfg.router != "race":
+    layer = layers[0]
+    cfg = layer.cfg
+    if not layer.strategy.uses_threshold:
         why = f"router {cfg.router!r} ranks across the batch"
     elif cfg.eval_routing == "topk":
         why = "expert race with eval_routing=topk ranks across the batch"

@@ -135,10 +135,15 @@ class GroupedTopK:
         sel = self.select(scores)
         return dispatch.plan_from_mask(sel.mask.reshape(B * L, E), scores.reshape(B * L, E), self.impl)
 
+    # Only the expert race has a learnable threshold (``uses_threshold``); the others refuse to pretend.
     def threshold_plan(self, scores: Tensor, tau: Tensor) -> RoutePlan:
-        raise TypeError(
-            f"the {self.name!r} strategy has no threshold: only the expert race routes by score >= tau"
-        )
+        raise TypeError(self._no_threshold())
+
+    def threshold_kth(self, scores: Tensor, race_kth: Tensor) -> Tensor:
+        raise TypeError(self._no_threshold())
+
+    def _no_threshold(self) -> str:
+        return f"the {self.name!r} strategy has no threshold: only the expert race routes by score >= tau"
 
 
 @dataclass(frozen=True)

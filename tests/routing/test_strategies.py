@@ -148,9 +148,11 @@ def test_threshold_routing_belongs_to_the_race_alone():
     scores = torch.randn(2, 8, 4)
     for name in sorted(set(STRATEGIES) - {"race"}):
         strategy = get_strategy(name, k=2)
-        assert not strategy.uses_threshold and not hasattr(strategy, "threshold_kth")
+        assert not strategy.uses_threshold
         with pytest.raises(TypeError, match="has no threshold"):
             strategy.threshold_plan(scores, torch.tensor(0.0))
+        with pytest.raises(TypeError, match="has no threshold"):
+            strategy.threshold_kth(scores.view(16, 4), torch.tensor(0.0))
     assert get_strategy("race", k=2).uses_threshold
 
 
