@@ -113,7 +113,8 @@ class GroupedTopK:
 
     def select(self, scores: Tensor) -> Selection:
         """scores (B, L, E) -> Selection(mask (B, L, E) bool, kth (G,)). ``scope="global"`` (expert race):
-        the cut over every process's scores (collective); this process's share of K is then k*B*L."""
+        the cut over every process's scores, K = k x the tokens of all processes (collective); this process
+        selects the entries of its own scores above the cut, which need not be k*B*L."""
         B, L, E = _check_scores(scores)
         if self.scope == "global":
             mask, kth = global_race_mask(scores.reshape(B * L, E), self.k, self.ties)
