@@ -260,7 +260,8 @@ class Trainer:
             self.model, self.optimizer = model, optimizer
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.raw_model: DiT = acc.unwrap_model(self.model)
+        raw = acc.unwrap_model(self.model)
+        self.raw_model: DiT = getattr(raw, "_orig_mod", raw)  # the DiT itself, under torch.compile too
         if self.raw_model.arch.moe is not None:
             from racedit.moe import RoutingStats
 

@@ -304,3 +304,27 @@ def test_compiled_fsdp_step_matches_eager(tmp_path: Path) -> None:
     assert (
         results[0]["loss"] != results[1]["loss"]
     )  # each rank its own data: the gradient mean is a real mean
+
+
+def test_compiled_trainer_keeps_the_plain_model_for_ema_and_checkpoints(tmp_path: Path) -> None:
+    # train.compile=true wraps the (sharded) model in torch.compile's OptimizedModule, whose parameter names
+    # carry an "_orig_mod." prefix: the trainer must hand the DiT itself to the EMA update, the checkpoint and
+    # the export (compiling is lazy, so setting up costs no compile).
+    script = tmp_path / "setup_only.py"
+    script.write_text(
+        "import sys\n"
+        "from racedit.models import DiT\n"
+        "from racedit.training.config import load_run_config\n"
+        "from racedit.training.loop import Trainer\n"
+        "tr = Trainer(load_run_config(sys.argv[1]))\n"
+        "tr.setup()\n"
+        "assert type(tr.model).__name__ == 'OptimizedModule', type(tr.model)\n"
+        "assert isinstance(tr.raw_model, DiT) and not hasattr(tr.raw_model, '_orig_mod')\n"
+        "tr.ema.update(tr.raw_model, 0)  # names match the EMA copy's\n"
+        "print('ok')\n"
+    )
+    for kind in ("fsdp", "ddp"):
+        cfg = run_cfg(tmp_path / kind, kind, compile=True)
+        config = write_config(tmp_path / f"{kind}.yaml", cfg)
+        r = run_python([str(script), str(config)], timeout=300)
+        assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
