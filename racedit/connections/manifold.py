@@ -270,7 +270,7 @@ class ManifoldHyperConnection(Connection):
         one node, ``_ReadAndLogits``, then H_post and Sinkhorn on the (T, 2n + n^2) logits, then the mix and write
         as batched products (``mix_streams``' per-token path)."""
         *lead, n, D = state.shape
-        flat = state.reshape(-1, n, D)  # (T, n, D)
+        flat = state.reshape(-1, n, D).contiguous()  # (T, n, D); a copy only of the expanded first state
         h0, z = _ReadAndLogits.apply(
             flat, self.proj.weight, self.pre_scale, self.pre_bias
         )  # (T, D), (T, 2n + n^2)
