@@ -121,7 +121,8 @@ class _SinkhornScaling(torch.autograd.Function):
             p0, kept, *cs
         )  # the K + 1 column scalings; backward recomputes r_k from c_{k-1}
         out = (rs[-1] * p0).mul_(cs[-1]).permute(2, 0, 1)  # (T, n, n)
-        return out.to(logits.dtype).reshape(logits.shape)
+        # contiguous (T, n, n): a token-strided batch would send bmm down its one-matrix-at-a-time path
+        return out.to(logits.dtype, memory_format=torch.contiguous_format).view(logits.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -152,7 +153,8 @@ class _SinkhornScaling(torch.autograd.Function):
             grad_p0.addcmul_(r, gu, value=-1.0).addcmul_(gv, c_prev)
             grad_c = (p0 * gv).sum(0, keepdim=True)  # dL/dc_{k-1}
         grad_x = grad_p0.mul_(p0).masked_fill_(~kept, 0.0)  # through P0 = exp(x - rowmax)
-        return grad_x.permute(2, 0, 1).to(grad.dtype).reshape(grad.shape), None
+        grad_x = grad_x.permute(2, 0, 1).to(grad.dtype, memory_format=torch.contiguous_format)
+        return grad_x.view(grad.shape), None
 
 
 RMS_EPS = 1e-6  # the RMSNorm's eps of the coefficient projection
