@@ -57,9 +57,10 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
 
     Alternately normalises rows (dim -1) and columns (dim -2), in the log domain (the same iterates as
     dividing exp(logits) by its sums, without overflow). Columns are normalised last, so they sum to 1
-    up to rounding; rows after ``iters`` iterations approximately. Computed in float32.
+    up to rounding; rows after ``iters`` iterations approximately. Computed in float32, or float64 for
+    float64 logits.
     """
-    log_p = logits.float()
+    log_p = logits.to(torch.promote_types(logits.dtype, torch.float32))
     for _ in range(iters):
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
         log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
