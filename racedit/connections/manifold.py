@@ -76,16 +76,18 @@ def sinkhorn_fast(logits: Tensor, iters: int) -> Tensor:
 
     Every Sinkhorn iterate is diag(r) P0 diag(c) with P0 = exp(logits): normalising the rows sets
     r = 1 / (P0 c), normalising the columns sets c = 1 / (P0^T r). Iterating on the vectors (n numbers per
-    matrix instead of n^2: one batched mat-vec and one reciprocal per half-iteration, where the log domain
-    spends a logsumexp of five ops on the whole matrix), then forming diag(r) P0 diag(c) once, gives the
-    reference's result after the same number of iterations.
+    matrix instead of n^2: one mat-vec and one reciprocal per half-iteration, where the log domain spends a
+    logsumexp of five ops on the whole matrix), then forming diag(r) P0 diag(c) once, gives the reference's
+    result after the same number of iterations.
 
     Forward and backward are one ``torch.autograd.Function`` (``_SinkhornScaling``): the forward runs without
     autograd and keeps only P0 and the column scalings c_0..c_K; the backward is the exact reverse-mode
     derivative of the ``iters`` unrolled iterations (not the implicit-function gradient of the converged fixed
-    point, which differs from the unrolled one by a few 1e-3 relative after 20 iterations near mHC's init,
-    where the contraction per iteration is only ~0.75). It runs ~4 small batched ops per iteration over all
-    tokens at once, where autograd through the loop records ~10 nodes per iteration.
+    point: near mHC's init the iteration contracts by only ~0.75 per step, and the derivative after 20
+    iterations differs from the one after 400 by 3e-3 relative, measured at the init logits + 0.01 noise, while
+    the values agree to 3e-6). Each iteration is a handful of small broadcast ops over all tokens at once (six
+    in forward, about a dozen in backward), where autograd through the loop would record and replay ~10 nodes
+    per half-iteration.
 
     Computed in float64 from exp(logits - rowmax) (the row shift cancels exactly in the first row
     normalisation, so it carries no gradient): exp() is exact to ~1e-16 down to e^-700, so the only departure
@@ -105,12 +107,8 @@ class _SinkhornScaling(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, iters: int) -> Tensor:  # (..., n, n) -> (..., n, n)
         n = logits.shape[-1]
-        x = (
-            logits.detach()
-            .reshape(-1, n, n)
-            .permute(1, 2, 0)
-            .to(torch.float64, memory_format=torch.contiguous_format)
-        )  # (n, n, T)
+        x = logits.detach().reshape(-1, n, n).permute(1, 2, 0)  # (n, n, T)
+        x = x.to(torch.float64, memory_format=torch.contiguous_format)
         shifted = x - x.amax(dim=1, keepdim=True)
         kept = shifted > SINKHORN_FLOOR  # (n, n, T) where the gradient flows
         p0 = shifted.clamp_(min=SINKHORN_FLOOR).exp_()  # (n, n, T), contiguous
@@ -118,9 +116,8 @@ class _SinkhornScaling(torch.autograd.Function):
         for _ in range(iters):
             rs.append((p0 * cs[-1]).sum(1, keepdim=True).reciprocal_())  # rows of diag(r) P0 diag(c) sum to 1
             cs.append((p0 * rs[-1]).sum(0, keepdim=True).reciprocal_())  # then its columns
-        ctx.save_for_backward(
-            p0, kept, *cs
-        )  # the K + 1 column scalings; backward recomputes r_k from c_{k-1}
+        # P0 and the K + 1 column scalings; the backward recomputes each r_k from c_{k-1}
+        ctx.save_for_backward(p0, kept, *cs)
         out = (rs[-1] * p0).mul_(cs[-1]).permute(2, 0, 1)  # (T, n, n)
         # contiguous (T, n, n): a token-strided batch would send bmm down its one-matrix-at-a-time path
         return out.to(logits.dtype, memory_format=torch.contiguous_format).view(logits.shape)
@@ -135,9 +132,8 @@ class _SinkhornScaling(torch.autograd.Function):
         K = len(cs) - 1
         n = p0.shape[0]
         r = (p0 * cs[K - 1]).sum(1, keepdim=True).reciprocal_()  # r_K, (n, 1, T)
-        g = (
-            grad.reshape(-1, n, n).permute(1, 2, 0).to(torch.float64, memory_format=torch.contiguous_format)
-        )  # (n, n, T)
+        g = grad.reshape(-1, n, n).permute(1, 2, 0)  # (n, n, T)
+        g = g.to(torch.float64, memory_format=torch.contiguous_format)
         gp = g * p0
         grad_r = (gp * cs[K]).sum(1, keepdim=True)  # the output's dL/dr_K
         grad_c = gp.mul_(r).sum(0, keepdim=True)  # dL/dc_K
