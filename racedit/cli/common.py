@@ -1,8 +1,11 @@
-"""What every racedit command shares: user errors, ``--debug``, exit codes and progress bars.
+"""What every racedit command shares: user errors, ``--debug``, exit codes, messages and progress bars.
 
 A user error (a bad flag, a missing or corrupt file, an invalid config key) is one line on stderr that
-names the file or key and the fix, with exit code 2; the traceback appears only under ``--debug`` or
-``RACEDIT_DEBUG=1``. Anything else is a bug and keeps its traceback (exit 1).
+names the file or key and the fix, with exit code 2: raise :class:`UserError` or call :func:`fail`; the
+traceback appears only under ``--debug`` or ``RACEDIT_DEBUG=1``. Anything else is a bug and keeps its
+traceback (exit 1). Messages about the work go to stderr as ``prog: message`` (:func:`say`, safe beside a
+progress bar); results (tables, JSON, the paths written) go to stdout. Rank and world size come from
+``racedit.distributed.process_state``; the common flags are defined once in ``racedit/cli/args.py``.
 """
 
 from __future__ import annotations
@@ -12,15 +15,21 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from racedit.errors import UserError
-from racedit.progress import progress
+from racedit.progress import progress, say
 
-__all__ = ["UserError", "add_debug_flag", "entry", "progress", "run"]
+__all__ = ["UserError", "add_debug_flag", "entry", "fail", "progress", "run", "say"]
 
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USAGE = 2  # argparse's code for usage errors; ours for every user error
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with a user error: ``prog: error: message`` on stderr, exit code 2."""
+    raise UserError(message)
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
