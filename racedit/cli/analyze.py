@@ -27,6 +27,7 @@ from racedit.cli.args import (
 from racedit.cli.common import UserError, entry, run, say
 
 PROG = "racedit-analyze"
+# The models, data and torch are imported when a sub-command runs, so --help answers at once.
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from racedit.config.core import ConfigError
+from racedit.distributed import exit_command
 from racedit.errors import UserError
 from racedit.progress import progress, say
 
@@ -47,8 +49,6 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types reported as one line: ours, config errors, and file-system errors naming a path."""
-    from racedit.config.core import ConfigError
-
     return (UserError, ConfigError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -78,8 +78,6 @@ def entry(main: Callable[[list[str] | None], int], prog: str) -> Callable[[], No
     """A console-script entry point: run ``main`` through :func:`run` and leave through ``exit_command``."""
 
     def _entry() -> None:
-        from racedit.distributed import exit_command
-
         exit_command(run(main, prog))
 
     return _entry

@@ -33,6 +33,8 @@ from racedit.cli.common import UserError, entry, run
 from racedit.distributed import process_group_scope
 
 PROG = "racedit-fid"
+# Each sub-command imports its part of fid/ when it runs: --help and usage errors answer without loading
+# torch-fidelity and the Inception code (seconds), and `weights` or `leaderboard` never load the network.
 
 
 def _add_network_args(p: argparse.ArgumentParser) -> None:

@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
+import racedit
 from racedit.cli.args import (
     Parser,
     add_debug,
@@ -44,12 +47,16 @@ from racedit.config.core import to_dict
 from racedit.diffusion import DiffusionConfig, build_objective
 from racedit.distributed import process_group_scope, process_state
 from racedit.io import atomic_write_json, sha256_bytes, sha256_file
+from racedit.models.diffusers_io import is_pipeline_folder, pipeline_sampling_meta
+from racedit.models.loading import CheckpointError, load_model
+from racedit.moe import inference_batch_dependence
 from racedit.sampling.classes import default_class_names, parse_classes
 from racedit.sampling.generate import QUANTIZATIONS, generate
 from racedit.sampling.grid import save_grid
 from racedit.sampling.meta import SamplingMeta, official_dit_meta, read_sampling_meta
 from racedit.sampling.samplers import DEFAULT_STEPS, SAMPLERS
 from racedit.sampling.store import ChunkStore, ChunkStoreError
+from racedit.vae import LatentVAE, load_vae, resolve_vae
 
 PROG = "racedit-sample"
 GRID, SAMPLES = "grid", "samples"  # the file names inside --out: grid.png / grid.json, samples.npz / .json
@@ -261,8 +268,6 @@ def resolve_meta(args: argparse.Namespace, model: torch.nn.Module) -> SamplingMe
     ckpt = Path(args.ckpt)
     meta = read_sampling_meta(ckpt) if ckpt.is_dir() else None
     if meta is None and ckpt.is_dir():
-        from racedit.models.diffusers_io import is_pipeline_folder, pipeline_sampling_meta
-
         if is_pipeline_folder(ckpt):  # its vae/; the scheduler config only says which DDPM betas
             meta = pipeline_sampling_meta(ckpt)
     if meta is None:
@@ -329,10 +334,6 @@ cli = entry(_main, PROG)  # the console script racedit-sample
 
 def load_checkpoint(ckpt: str, device: torch.device, verify: bool = True) -> torch.nn.Module:
     """``load_model`` with every failure of the files (missing, corrupt, malformed) as one UserError."""
-    from safetensors import SafetensorError
-
-    from racedit.models.loading import CheckpointError, load_model
-
     path = Path(ckpt)
     if not path.exists():
         raise UserError(
@@ -412,8 +413,6 @@ def _sample(argv: list[str] | None) -> int:
 
     decode, vae_record = None, {"vae": None, "scaling_factor": None, "shift_factor": None}
     if meta.space == "latent":
-        from racedit.vae import LatentVAE, load_vae, resolve_vae
-
         source = resolve_vae(meta.vae, meta.vae_subfolder)
         latent_vae = LatentVAE(
             load_vae(source, device), meta.scaling_factor, meta.shift_factor, batch_size=args.batch_size
@@ -424,8 +423,6 @@ def _sample(argv: list[str] | None) -> int:
             "scaling_factor": latent_vae.scaling_factor,
             "shift_factor": latent_vae.shift_factor,
         }
-
-    from racedit.moe import inference_batch_dependence
 
     dependence = inference_batch_dependence(model)
     if dependence is not None and is_main:
@@ -481,10 +478,6 @@ def _sample(argv: list[str] | None) -> int:
 
 
 def _record(settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    import diffusers
-
-    import racedit
-
     return {
         **settings,
         **extra,

@@ -50,6 +50,8 @@ from racedit.data.format import (
     write_safetensors,
     write_shard_hash,
 )
+from racedit.data.imagefolder import ImageListDataset, collate_items, list_image_folder
+from racedit.data.latents import LatentDataset
 from racedit.distributed import process_state
 from racedit.errors import UserError
 from racedit.io import atomic_write_json, check_manifest, remove_stale_temporaries, sha256_file
@@ -137,8 +139,6 @@ def encode_batch(vae: Any, images: torch.Tensor, dtype: torch.dtype) -> tuple[np
 
 def make_or_check_plan(out: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Write plan.json + files.json on the first run; on a rerun check the settings match. Main process only."""
-    from racedit.data.imagefolder import list_image_folder
-
     plan_path = out / PLAN_FILE
     if plan_path.is_file() and (out / FILES_FILE).is_file():
         plan = read_json(plan_path, "plan file")
@@ -220,8 +220,6 @@ def _encode_shards(
     show_progress: bool,
 ) -> None:
     """Encode the given shards in order; each is written (atomically) as soon as its last batch is done."""
-    from racedit.data.imagefolder import ImageListDataset, collate_items
-
     settings = plan["settings"]
     size, n_files = settings["shard_size"], plan["num_files"]
     latent_shape = tuple(settings["latent_shape"])
@@ -536,8 +534,6 @@ def verify(root: str | Path, quick: bool = False, progress: bool = True) -> list
 
 def latent_stats(root: str | Path, max_images: int = 10000, seed: int = 0) -> dict[str, Any]:
     """Per-channel mean/std of the latents the trainer sees (one posterior draw, random flip, scaled)."""
-    from racedit.data.latents import LatentDataset
-
     ds = LatentDataset(root, seed=seed)
     n = len(ds)
     rng = np.random.default_rng(seed)

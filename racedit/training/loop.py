@@ -14,6 +14,11 @@ Reads top to bottom (``Trainer.run``):
 6. at the end: a checkpoint, the EMA model exported with ``sampling.json`` (what ``sample.py`` reads), a
    final grid, the loss curve and, for the digits demo, the offline quality report.
 
+The loop only trains; what it calls lives beside what it belongs to: the sample grids and the samples of
+the time budget and the report in ``racedit/sampling/preview.py``, the export in
+``racedit/training/export.py``, the report in ``racedit/metrics/demo.py``, the time limits in
+``racedit/training/budget.py``, the resume rules in ``racedit/training/resume.py``.
+
 Determinism: model init draws from ``seed``; process ``r`` draws its diffusion noise from a private
 generator seeded ``seed + r`` and its label dropout from the global RNG seeded ``seed + r``; the data
 order comes from ``seed`` and the epoch (``BatchStream``). All of these are checkpointed, so on CPU a
