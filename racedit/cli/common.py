@@ -72,6 +72,11 @@ def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | No
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except (
+        BrokenPipeError
+    ):  # the reader of stdout left (`racedit-models | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
 def entry(main: Callable[[list[str] | None], int], prog: str) -> Callable[[], None]:

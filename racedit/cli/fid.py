@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from fid.weights import ENV_VAR, WEIGHTS_URL, InceptionWeightsError
@@ -29,7 +28,7 @@ from racedit.cli.args import (
     non_negative_int,
     positive_int,
 )
-from racedit.cli.common import UserError, entry, run
+from racedit.cli.common import UserError, entry, run, say
 from racedit.distributed import process_group_scope
 
 PROG = "racedit-fid"
@@ -172,10 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = write_record(record, record_path)
     if not model.is_reference_network:
-        print(
-            f"WARNING: {model.identity} is not the reference Inception: these numbers are not FIDs",
-            file=sys.stderr,
-        )
+        say(PROG, f"warning: {model.identity} is not the reference Inception: these numbers are not FIDs")
     rows = [
         ("FID", result.fid),
         ("sFID", result.sfid),
@@ -191,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if result.clip_score is not None:
         rows.append(("CLIP score", result.clip_score))
     if clip is not None and not clip.is_reference_network:
-        print("WARNING: not CLIP ViT-L/14@336px: CMMD / CLIP score are not the literature's", file=sys.stderr)
+        say(PROG, "warning: not CLIP ViT-L/14@336px: CMMD / CLIP score are not the literature's")
     print(f"{result.num_samples} samples vs {result.num_ref_images} reference images ({args.ref})")
     for name, value in rows:
         print(f"{name:>16}: {value:.4f}")
