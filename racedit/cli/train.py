@@ -131,7 +131,8 @@ def _main(argv: list[str] | None = None) -> int:
             result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except (ResumeError, NonFiniteLossError) as err:  # (a dataset error is a UserError already)
         raise UserError(str(err)) from err
-    print(f"done at step {result.step}; EMA model in {result.export_dir}")
+    if result.export_dir is not None:  # the main process wrote the export; the others have nothing to add
+        print(f"done at step {result.step}; EMA model in {result.export_dir}")
     return 0
 
 
