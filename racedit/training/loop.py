@@ -124,7 +124,7 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 class TrainResult:
     step: int
     output_dir: Path
-    export_dir: Path | None
+    export_dir: Path | None  # set on the main process, which wrote the export; None on the others
     last_checkpoint: Path | None
     final_loss: float | None
     skipped_steps: int = 0
@@ -684,7 +684,7 @@ class Trainer:
         return TrainResult(
             step=self.step,
             output_dir=self.out,
-            export_dir=export_dir,
+            export_dir=export_dir if acc.is_main_process else None,
             last_checkpoint=self.last_checkpoint,
             final_loss=last_scalars.get("loss"),
             skipped_steps=self.skipped,
