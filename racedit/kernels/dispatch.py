@@ -1,8 +1,10 @@
 """The one switch between the Triton kernels and the PyTorch reference (docs/spec/kernels.md, design.md).
 
 Callers (the MoE layer) use only these functions. ``impl``:
-- ``"auto"``: Triton for CUDA tensors when Triton is importable, the reference otherwise;
-- ``"torch"``: the PyTorch reference (``reference.py``) on any device;
+- ``"auto"``: Triton for CUDA tensors when Triton is importable; on CPU the routing reference and, for
+  ``expert_ffn``, its one-autograd-node form (``cpu_experts.py``: the reference's math, bit for bit, without
+  the per-expert autograd graph); the reference otherwise;
+- ``"torch"``: the PyTorch reference (``reference.py``) on any device, op by op;
 - ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
 - ``"grouped_mm"`` (``expert_ffn`` only; routing behaves as ``"auto"``): ``torch._grouped_mm`` GEMMs.
 """
@@ -15,7 +17,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from racedit.kernels import reference
+from racedit.kernels import cpu_experts, reference
 from racedit.kernels.reference import RoutePlan, Ties
 
 Impl = Literal["auto", "torch", "triton", "grouped_mm"]
@@ -98,4 +100,6 @@ def expert_ffn(
         from racedit.kernels import triton_experts
 
         return triton_experts.expert_ffn(x, plan, w1, b1, w2, b2)
+    if impl == "auto" and cpu_experts.supports(x) is None:
+        return cpu_experts.expert_ffn(x, plan, w1, b1, w2, b2)
     return reference.expert_ffn(x, plan, w1, b1, w2, b2)

@@ -1,0 +1,129 @@
+"""The CPU expert computation: ``reference.expert_ffn``'s math as one autograd node (the CPU training path).
+
+The reference builds an autograd graph of ~3E small ops per layer (a split, an unbind, one addmm-GELU-addmm
+chain per expert, a cat, the gate product), and autograd then pays for that graph twice: the backward of
+``w1.unbind(0)`` stacks E per-expert weight gradients into a fresh (E, D, H) tensor (and the same for
+``w2``, ``b1``, ``b2``), and every per-expert node allocates and accumulates on its own. On a CPU, where
+the GEMMs themselves run as fast grouped as dense (same FLOPs, ~128-row chunks), that bookkeeping is most
+of the MoE overhead. Here forward and backward are written out by hand (K selected pairs, expert-major,
+group e = rows ``offsets[e]:offsets[e+1]``):
+
+  Forward                                            Backward (dout (T, D))
+  rows = x[sorted_token]                  (K, D)     dy = dout[sorted_token]              (K, D)
+  z[e] = rows[e] @ w1[e] + b1[e]          (K, H)     dgate = sum_d dy * o                 (K,)
+  h = GELU_tanh(z)                        (K, H)     do = gate * dy                       (K, D)
+  o[e] = h[e] @ w2[e] + b2[e]             (K, D)     dw2[e] = h[e]^T do[e], db2[e] = colsum(do[e])
+  y = gate * o            (in >= fp32)    (K, D)     dz = (do[e] @ w2[e]^T) * GELU'(z)    (K, H)
+  out = index_add(y at sorted_token)      (T, D)     dw1[e] = rows[e]^T dz[e], db1[e] = colsum(dz[e])
+                                                     dx = index_add(dz[e] @ w1[e]^T at sorted_token)
+
+Every per-expert product is written straight into its slice of one preallocated tensor (``out=``): the
+(E, D, H) weight gradients are filled in place, nothing is stacked or concatenated, and GELU and its
+derivative run once over all K rows. The operations and their operands are the reference's, one for one
+(the same addmm/mm shapes and transposes, the same row sums, the gate product in fp32, the serial CPU
+``index_add_`` in pair order), so values and gradients equal the reference's bit for bit in float32 and
+float64 on CPU (tests/kernels/test_reference.py checks this, and the exact agreement is what it asserts).
+Zero-token experts get zero weight gradients; a plan with no pairs gives zeros everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from racedit.kernels.reference import RoutePlan
+
+
+def supports(x: Tensor) -> str | None:
+    """None when this path can run ``x``, else the reason (the reference then runs instead)."""
+    if x.device.type != "cpu":
+        return f"the grouped CPU path runs on CPU tensors (index_add_ is serial, hence deterministic there), got {x.device}"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on: the reference's per-op autocast casts apply, so it runs instead"
+    return None
+
+
+class _GroupedExpertFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,  # (T, D)
+        gate: Tensor,  # (K,)
+        w1: Tensor,  # (E, D, H)
+        b1: Tensor,  # (E, H)
+        w2: Tensor,  # (E, H, D)
+        b2: Tensor,  # (E, D)
+        sorted_token: Tensor,  # (K,) int64
+        counts: list[int],  # pairs per expert
+    ) -> Tensor:
+        T, D = x.shape
+        K, H = sorted_token.shape[0], w1.shape[2]
+        experts = [e for e, n in enumerate(counts) if n > 0]
+        rows = x.index_select(0, sorted_token)  # (K, D)
+        z = x.new_empty(K, H)
+        # per-expert views in one call each (split/unbind), not one indexing op per expert and tensor
+        rows_, z_, w1_, b1_ = rows.split(counts), z.split(counts), w1.unbind(0), b1.unbind(0)
+        for e in experts:
+            torch.addmm(b1_[e], rows_[e], w1_[e], out=z_[e])
+        h = torch.nn.functional.gelu(z, approximate="tanh")  # (K, H)
+        o = x.new_empty(K, D)
+        h_, o_, w2_, b2_ = h.split(counts), o.split(counts), w2.unbind(0), b2.unbind(0)
+        for e in experts:
+            torch.addmm(b2_[e], h_[e], w2_[e], out=o_[e])
+        acc = torch.promote_types(x.dtype, torch.float32)  # the gate multiplies in (at least) fp32
+        y = (o.to(acc) * gate.to(acc).unsqueeze(1)).to(x.dtype)  # (K, D)
+        ctx.save_for_backward(rows, z, h, o, gate, w1, w2, sorted_token)
+        ctx.counts, ctx.experts, ctx.num_tokens = counts, experts, T
+        return x.new_zeros(T, D).index_add_(0, sorted_token, y)  # (T, D), pairs in order: deterministic
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        rows, z, h, o, gate, w1, w2, sorted_token = ctx.saved_tensors
+        need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
+        E = w1.shape[0]
+        acc = torch.promote_types(o.dtype, torch.float32)
+        dy = grad_out.index_select(0, sorted_token).to(acc)  # (K, D)
+        dgate = (dy * o.to(acc)).sum(1).to(gate.dtype) if need_gate else None  # (K,)
+        do = (dy * gate.to(acc).unsqueeze(1)).to(o.dtype)  # (K, D)
+        # experts without tokens keep zero weight gradients
+        alloc = torch.empty if len(ctx.experts) == E else torch.zeros
+        gw1 = alloc(w1.shape, dtype=w1.dtype) if need_w1 else None
+        gb1 = alloc(E, w1.shape[2], dtype=w1.dtype) if need_b1 else None
+        gw2 = alloc(w2.shape, dtype=w2.dtype) if need_w2 else None
+        gb2 = alloc(E, w2.shape[2], dtype=w2.dtype) if need_b2 else None
+        gw1_, gb1_, gw2_, gb2_ = (g.unbind(0) if g is not None else None for g in (gw1, gb1, gw2, gb2))
+        counts = ctx.counts
+        dh = h.new_empty(h.shape)  # (K, H)
+        h_, do_, dh_, w2_ = h.split(counts), do.split(counts), dh.split(counts), w2.unbind(0)
+        for e in ctx.experts:
+            if gw2_ is not None:
+                torch.mm(h_[e].t(), do_[e], out=gw2_[e])
+            if gb2_ is not None:
+                torch.sum(do_[e], 0, out=gb2_[e])
+            torch.mm(do_[e], w2_[e].t(), out=dh_[e])
+        dz = torch.ops.aten.gelu_backward(dh, z, approximate="tanh")  # (K, H)
+        drows = rows.new_empty(rows.shape) if need_x else None  # (K, D)
+        rows_, dz_, w1_ = rows.split(counts), dz.split(counts), w1.unbind(0)
+        drows_ = drows.split(counts) if drows is not None else None
+        for e in ctx.experts:
+            if gw1_ is not None:
+                torch.mm(rows_[e].t(), dz_[e], out=gw1_[e])
+            if gb1_ is not None:
+                torch.sum(dz_[e], 0, out=gb1_[e])
+            if drows_ is not None:
+                torch.mm(dz_[e], w1_[e].t(), out=drows_[e])
+        dx = None
+        if drows is not None:
+            dx = drows.new_zeros(ctx.num_tokens, drows.shape[1]).index_add_(0, sorted_token, drows)
+        return dx, dgate, gw1, gb1, gw2, gb2, None, None
+
+
+@torch.compiler.disable  # data-dependent group sizes: runs eagerly, as one graph break, inside a compiled model
+def expert_ffn(x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    """``reference.expert_ffn`` (same signature and values) as one autograd node; CPU tensors only."""
+    reason = supports(x)
+    if reason is not None:
+        raise ValueError(f"{reason}; use impl='torch'")
+    return _GroupedExpertFFN.apply(
+        x, plan.sorted_gate, w1, b1, w2, b2, plan.sorted_token, plan.counts.tolist()
+    )
