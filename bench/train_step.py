@@ -4,8 +4,9 @@ All models share one size (width, depth, tokens) and one batch; a Race-DiT k-in-
 g = k spends the same activated expert FLOPs as the dense MLP, so its ratio to dense is the MoE
 overhead (routing, gathers, per-expert matmuls, the optimizer over ~2.3x the parameters); the row
 "race, reference experts" runs the op-by-op reference expert computation instead of the device's fast
-path. With ``--compile`` every row is also timed ``torch.compile``'d (``train.compile=true``). One step = the diffusion objective's loss (the run's
-real loss: DDPM hybrid loss or flow matching, plus the MoE auxiliary losses), backward, AdamW.
+path. With ``--compile`` every row is also timed ``torch.compile``'d (``train.compile=true``). One
+step = the diffusion objective's loss (the run's real loss: DDPM hybrid loss or flow matching, plus the
+MoE auxiliary losses), backward, AdamW.
 Timing is interleaved round-robin with warm-up and repeats; medians of wall and process-CPU time.
 
     python -m bench.train_step                     # CPU defaults
