@@ -72,49 +72,52 @@ class _GroupedExpertFFN(torch.autograd.Function):
             torch.addmm(b2_[e], h_[e], w2_[e], out=o_[e])
         acc = torch.promote_types(x.dtype, torch.float32)  # the gate multiplies in (at least) fp32
         y = (o.to(acc) * gate.to(acc).unsqueeze(1)).to(x.dtype)  # (K, D)
-        ctx.save_for_backward(rows, z, h, o, gate, w1, w2, sorted_token)
+        # x, not rows: x is kept alive by the router anyway, and the backward gathers rows again (cheap)
+        ctx.save_for_backward(x, z, h, o, gate, w1, w2, sorted_token)
         ctx.counts, ctx.experts, ctx.num_tokens = counts, experts, T
         return x.new_zeros(T, D).index_add_(0, sorted_token, y)  # (T, D), pairs in order: deterministic
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        rows, z, h, o, gate, w1, w2, sorted_token = ctx.saved_tensors
+        x, z, h, o, gate, w1, w2, sorted_token = ctx.saved_tensors
         need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
-        E = w1.shape[0]
+        E, counts, experts = w1.shape[0], ctx.counts, ctx.experts
         acc = torch.promote_types(o.dtype, torch.float32)
         dy = grad_out.index_select(0, sorted_token).to(acc)  # (K, D)
         dgate = (dy * o.to(acc)).sum(1).to(gate.dtype) if need_gate else None  # (K,)
-        do = (dy * gate.to(acc).unsqueeze(1)).to(o.dtype)  # (K, D)
+        do = dy.mul_(gate.to(acc).unsqueeze(1)).to(o.dtype)  # (K, D), in dy's buffer
         # experts without tokens keep zero weight gradients
-        alloc = torch.empty if len(ctx.experts) == E else torch.zeros
-        gw1 = alloc(w1.shape, dtype=w1.dtype) if need_w1 else None
-        gb1 = alloc(E, w1.shape[2], dtype=w1.dtype) if need_b1 else None
+        alloc = torch.empty if len(experts) == E else torch.zeros
         gw2 = alloc(w2.shape, dtype=w2.dtype) if need_w2 else None
         gb2 = alloc(E, w2.shape[2], dtype=w2.dtype) if need_b2 else None
-        gw1_, gb1_, gw2_, gb2_ = (g.unbind(0) if g is not None else None for g in (gw1, gb1, gw2, gb2))
-        counts = ctx.counts
+        gw2_, gb2_ = (g.unbind(0) if g is not None else None for g in (gw2, gb2))
         dh = h.new_empty(h.shape)  # (K, H)
         h_, do_, dh_, w2_ = h.split(counts), do.split(counts), dh.split(counts), w2.unbind(0)
-        for e in ctx.experts:
+        for e in experts:
             if gw2_ is not None:
                 torch.mm(h_[e].t(), do_[e], out=gw2_[e])
             if gb2_ is not None:
                 torch.sum(do_[e], 0, out=gb2_[e])
             torch.mm(do_[e], w2_[e].t(), out=dh_[e])
-        dz = torch.ops.aten.gelu_backward(dh, z, approximate="tanh")  # (K, H)
-        drows = rows.new_empty(rows.shape) if need_x else None  # (K, D)
+        dz = torch.ops.aten.gelu_backward.grad_input(dh, z, approximate="tanh", grad_input=dh)  # in place
+        # rows (K, D), gathered again, into dy's buffer when the dtypes allow (dy is not needed any more)
+        rows = torch.index_select(x, 0, sorted_token, out=dy) if dy.dtype == x.dtype else x[sorted_token]
+        del do, do_, dy
+        gw1 = alloc(w1.shape, dtype=w1.dtype) if need_w1 else None  # allocated only now: a lower peak
+        gb1 = alloc(E, w1.shape[2], dtype=w1.dtype) if need_b1 else None
+        gw1_, gb1_ = (g.unbind(0) if g is not None else None for g in (gw1, gb1))
         rows_, dz_, w1_ = rows.split(counts), dz.split(counts), w1.unbind(0)
-        drows_ = drows.split(counts) if drows is not None else None
-        for e in ctx.experts:
+        for e in experts:
             if gw1_ is not None:
                 torch.mm(rows_[e].t(), dz_[e], out=gw1_[e])
             if gb1_ is not None:
                 torch.sum(dz_[e], 0, out=gb1_[e])
-            if drows_ is not None:
-                torch.mm(dz_[e], w1_[e].t(), out=drows_[e])
+            if need_x:  # drows of expert e overwrites its rows, which its weight gradient has used
+                torch.mm(dz_[e], w1_[e].t(), out=rows_[e])
+        del dh, dh_, dz, dz_  # free (K, H) before the (T, D) result: the peak of this backward
         dx = None
-        if drows is not None:
-            dx = drows.new_zeros(ctx.num_tokens, drows.shape[1]).index_add_(0, sorted_token, drows)
+        if need_x:
+            dx = x.new_zeros(x.shape).index_add_(0, sorted_token, rows)  # (T, D); rows now holds drows
         return dx, dgate, gw1, gb1, gw2, gb2, None, None
 
 
