@@ -2,8 +2,9 @@
 
 Callers (the MoE layer) use only these functions. ``impl``:
 - ``"auto"``: Triton for CUDA tensors when Triton is importable; on CPU the routing reference and, for
-  ``expert_ffn``, its one-autograd-node form (``cpu_experts.py``: the reference's math, bit for bit, without
-  the per-expert autograd graph); the reference otherwise;
+  ``expert_ffn``, its one-autograd-node form (``cpu_experts.py``: the reference's math without the
+  per-expert autograd graph), except while ``torch.compile`` traces (the reference compiles better); the
+  reference otherwise;
 - ``"torch"``: the PyTorch reference (``reference.py``) on any device, op by op;
 - ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
 - ``"grouped_mm"`` (``expert_ffn`` only; routing behaves as ``"auto"``): ``torch._grouped_mm`` GEMMs.
@@ -15,6 +16,7 @@ import importlib.util
 import os
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from racedit.kernels import cpu_experts, reference
@@ -100,6 +102,9 @@ def expert_ffn(
         from racedit.kernels import triton_experts
 
         return triton_experts.expert_ffn(x, plan, w1, b1, w2, b2)
-    if impl == "auto" and cpu_experts.supports(x) is None:
+    # Under torch.compile the reference is the faster choice: dynamo traces its per-expert ops with symbolic
+    # group sizes and inductor fuses bias, GELU and gate around the GEMMs; the one-node CPU path is opaque
+    # to the compiler (it would run eagerly, as a graph break).
+    if impl == "auto" and not torch.compiler.is_compiling() and cpu_experts.supports(x) is None:
         return cpu_experts.expert_ffn(x, plan, w1, b1, w2, b2)
     return reference.expert_ffn(x, plan, w1, b1, w2, b2)
