@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 
 from bench.common import interleaved_medians, print_table
+from racedit.cli.extract import main as extract_main
 from racedit.data import DigitsDataset, LatentDataset
 from racedit.data.extract import encode_batch
-from racedit.data.extract import main as extract_main
 from racedit.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,

@@ -44,7 +44,7 @@ def evaluate(trainer, clf, per_class: int, seed: int) -> float:
     from racedit.metrics.demo import images_to_input, score
 
     labels = [c for c in range(trainer.model_cfg.num_classes) for _ in range(per_class)]
-    images = trainer.sample_images(trainer.ema.model, labels, seed)
+    images = trainer.preview.images(trainer.ema.model, labels, seed)
     scores = score(clf, images_to_input(images), torch.tensor(labels), clf_reference(clf, trainer))
     return scores.accuracy
 
@@ -74,8 +74,7 @@ def run_setting(
     )
     trainer = Trainer(cfg)
     trainer.setup()
-    trainer.consecutive_skips = 0
-    seed = cfg.sample.seed + 10_000  # the report's classifier and sampling seed (Trainer.quality_report)
+    seed = cfg.sample.seed + 10_000  # the report's classifier and sampling seed (Trainer.finish)
     xs, ys, num_classes = real_digits(cfg.data, "train")
     clf = train_classifier(xs, ys, num_classes, seed=seed)
     accuracies, reached, cpu, wall = [], None, 0.0, 0.0

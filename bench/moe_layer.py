@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         def routing(layer: MoEFeedForward = layer) -> None:
             x = h.detach().reshape(-1, D).requires_grad_()
             scores = layer.gating(layer.router(x)[1])
-            plan, _ = layer.route(scores.view(args.batch, args.tokens, -1))
+            plan = layer.route(scores.view(args.batch, args.tokens, -1))
             plan.sorted_gate.float().sum().backward()
             layer.zero_grad(set_to_none=True)
 
         with torch.no_grad():
             x0 = h.reshape(-1, D)
-            fixed_plan, _ = layer.route(layer.gating(layer.router(x0)[1]).view(args.batch, args.tokens, -1))
+            fixed_plan = layer.route(layer.gating(layer.router(x0)[1]).view(args.batch, args.tokens, -1))
         fixed_plan.sorted_gate = fixed_plan.sorted_gate.detach()
 
         def experts(layer: MoEFeedForward = layer, plan=fixed_plan) -> None:

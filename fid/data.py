@@ -37,7 +37,7 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise InputError(
             f"{path} is not a readable .npz file ({type(err).__name__}: {err}); it is truncated or corrupt: "
-            "write it again (sample.py --npz, or `racedit-fid ref`)"
+            "write it again (sample.py --num-samples, or `racedit-fid ref --npz`)"
         ) from None
 
 

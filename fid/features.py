@@ -20,6 +20,7 @@ import torch
 
 from fid.data import ImageSource
 from fid.inception import InceptionFeatures, strict_fp32
+from racedit.distributed import process_state
 from racedit.progress import progress as progress_bar
 
 FEATURES_VERSION = 1  # bump when the way features are computed changes (invalidates the cache)
@@ -44,26 +45,14 @@ class Features:
     from_cache: bool = False
 
 
-def _state():
-    """Accelerate's process state when launched with several processes, else None (plain single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        return PartialState()
-    return None
-
-
 def process_rank() -> int:
-    """This process's index under Accelerate (0 when single-process)."""
-    state = _state()
-    return state.process_index if state is not None else 0
+    """This process's rank under a launcher (0 when single-process)."""
+    return process_state().process_index
 
 
 def default_device() -> torch.device:
-    state = _state()
-    if state is not None:
-        return state.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU under a launcher, else cuda when present, else cpu."""
+    return process_state().device
 
 
 def cache_key(content_hash: str, model: InceptionFeatures) -> str:
@@ -118,7 +107,7 @@ def extract_features(
 
     The cache file is ``<cache_dir>/<key>.npz`` with ``pool`` and ``spatial``; written by process 0.
     """
-    state = _state()
+    state = process_state()
     cache_dir = Path(cache_dir or default_cache_dir())
     device = torch.device(device) if device is not None else default_device()
     model = model.to(device)
@@ -130,7 +119,7 @@ def extract_features(
                 return Features(z["pool"], z["spatial"], content_hash, from_cache=True)
 
     n = source.num_images
-    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    rank, world = state.process_index, state.num_processes
     start, stop = n * rank // world, n * (rank + 1) // world
     pool, spatial = _extract_range(
         source,
@@ -154,8 +143,7 @@ def extract_features(
     result = Features(pool.cpu().numpy(), spatial.cpu().numpy(), content_hash)
     if use_cache and rank == 0:
         _atomic_save(cache_path, pool=result.pool, spatial=result.spatial)
-    if state is not None:
-        state.wait_for_everyone()
+    state.wait_for_everyone()
     return result
 
 

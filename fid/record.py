@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch_fidelity
 
+from racedit.io import atomic_write_text
+
 SCHEMA = "racedit-fid-record/1"
 METRIC_VERSION = "racedit-fid 1.0 (ADM protocol)"
 
@@ -125,7 +127,9 @@ def build_record(
 def write_record(record: dict[str, Any], path: str | os.PathLike) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(
+        p, json.dumps(record, indent=2, sort_keys=False, default=str) + "\n"
+    )  # never half a record
     return p
 
 

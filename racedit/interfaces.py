@@ -1,9 +1,10 @@
 """The contracts between racedit's layers, in a leaf module (imports torch only).
 
 - ``ForwardAux``: the side outputs of one forward pass, carried explicitly (never global state).
-  ``model(x, t, y, aux=ForwardAux())`` lets every MoE layer record its auxiliary losses and routing
-  statistics in ``aux.layers``; the objectives' training loss and the routing metrics read them back.
-  A dense model leaves it empty.
+  ``model(x, t, y, aux=ForwardAux())`` lets every MoE layer append a ``RoutingRecord`` (its selection and
+  the tensors its auxiliary losses need) to ``aux.layers``; the objectives' training loss and the routing
+  metrics read them back. A dense model leaves it empty.
+- ``RoutingRecord``: what one MoE layer reports about one forward.
 - ``FeedForward``: the interface of a block's MLP slot, which the dense MLP (``racedit/models/ffn.py``)
   and the MoE layer (``racedit/moe/layer.py``) implement. It takes ``(h, aux)`` with ``h`` of shape
   (B, L, D) and returns (B, L, D), and reports its cost so the zoo can count parameters and FLOPs
@@ -14,9 +15,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    """One MoE layer's report of one forward (``racedit.moe.aux_losses`` and ``RoutingStats`` read it)."""
+
+    layer: int  # index of the block
+    logits: Tensor  # (T, E) raw gating-head logits s, T = B*L, with grad (router-similarity and balance loss)
+    mask: Tensor  # (B, L, E) bool: the selection, no grad
+    tau: Tensor | None = None  # fp32 scalar, the expert race's threshold after this forward; None otherwise
+    plr_pred: Tensor | None = None  # (B, L, p*p*C) PLR prediction: training forwards with a PLR head only
+
+    @property
+    def experts_per_sample(self) -> Tensor:
+        """(B,) float: mean number of experts a token of each sample was routed to."""
+        return self.mask.sum(-1).float().mean(-1)
 
 
 class ForwardAux:
@@ -25,11 +42,11 @@ class ForwardAux:
     FSDP when they move inputs to the GPU) copy dataclasses, and the layers after the copy would record into
     it instead of the caller's container."""
 
-    def __init__(self, t: Tensor | None = None, layers: list[dict[str, Any]] | None = None):
+    def __init__(self, t: Tensor | None = None, layers: list[RoutingRecord] | None = None):
         self.t = t  # (B,) diffusion timesteps of the batch, set by the model's forward
-        self.layers: list[dict[str, Any]] = layers if layers is not None else []  # one record per MoE layer
+        self.layers: list[RoutingRecord] = layers if layers is not None else []  # one record per MoE layer
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: RoutingRecord) -> None:
         self.layers.append(record)
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@ image folder (3 classes; JPEG and PNG; RGB, greyscale, RGBA, CMYK; mixed sizes; 
 -> ``racedit-extract extract`` through a tiny AutoencoderKL with a shift factor (killed with SIGKILL once,
 rerun) -> ``verify`` -> ``stats`` -> ``train_imagenet.py`` (Race-DiT with a hyper-connection stream,
 checkpoints, sample grids through the VAE; SIGKILL, then ``--resume auto``; the export) -> ``sample.py``
-from another working directory (a grid, then ``--npz``) -> ``racedit-fid ref`` of the same image folder and
+from another working directory (a grid, then ``--num-samples``, both into ``--out DIR``) -> ``racedit-fid ref`` of the same image folder and
 ``racedit-fid eval`` with a stand-in feature network (``--features``; the Inception path is unchanged)
 -> ``racedit-fid leaderboard``, which gains an ``ours`` row.
 
@@ -120,7 +120,7 @@ def test_rehearsal(tmp_path: Path):
     py = sys.executable
 
     # ------------------------------------------------------------------ 1. latents: extract (killed once), verify, stats
-    extract = [py, "-m", "racedit.data.extract", "extract", "--data-dir", "images/train", "--out", "latents",
+    extract = [py, "-m", "racedit.data", "extract", "--data-dir", "images/train", "--out", "latents",
                "--vae", "tinyvae", "--resolution", str(RES), "--shard-size", "4", "--batch-size", "2",
                "--num-workers", "0"]  # fmt: skip
     first_shard = ws / "latents" / "shard-00000.safetensors"
@@ -131,11 +131,9 @@ def test_rehearsal(tmp_path: Path):
     assert "4 of its 5 shards to encode" in rerun.stderr  # the finished shard is kept, not redone
     assert first_shard.read_bytes() == shard0
 
-    verify = run([py, "-m", "racedit.data.extract", "verify", "--root", "latents"], ws)
+    verify = run([py, "-m", "racedit.data", "verify", "--root", "latents"], ws)
     assert f"OK: {n_images} images in 5 shards, 3 classes, latents [4, 4, 4]" in verify.stdout
-    stats = json.loads(
-        run([py, "-m", "racedit.data.extract", "stats", "--root", "latents", "--json"], ws).stdout
-    )
+    stats = json.loads(run([py, "-m", "racedit.data", "stats", "--root", "latents", "--json"], ws).stdout)
     assert stats["images"] == n_images and stats["scaling_factor"] == SCALING
     assert len(stats["channel_mean"]) == 4 and np.isfinite(stats["channel_std"]).all()
     assert 0 < stats["std"] < 10
@@ -194,7 +192,7 @@ def test_rehearsal(tmp_path: Path):
     grid4 = grid_pixels(run_dir / "samples" / "step_00000004.png")  # written before the step-4 checkpoint
     assert grid4.std() > 5  # decoded through the VAE, not a constant image
     resumed = run(train + ["--resume", "auto"], ws)
-    assert "resumed from" in resumed.stdout and f"done at step {STEPS}" in resumed.stdout
+    assert "resumed from" in resumed.stderr and f"done at step {STEPS}" in resumed.stdout
 
     rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once, across the kill
@@ -229,7 +227,7 @@ def test_rehearsal(tmp_path: Path):
         str(SAMPLER_STEPS),
         "--no-progress",
     ]
-    run(sample + ["--classes", "red fox", "0", "--num-per-class", "2", "--cfg-scale", "2", "--out", "grid.png"],
+    run(sample + ["--classes", "red fox", "0", "--num-per-class", "2", "--cfg-scale", "2", "--out", "."],
         elsewhere)  # fmt: skip
     grid = grid_pixels(elsewhere / "grid.png")
     assert grid.std() > 5
@@ -237,14 +235,14 @@ def test_rehearsal(tmp_path: Path):
     assert record["classes"] == [1, 0] and record["num_per_class"] == 2
 
     n_eval = 12
-    run(sample + ["--num-samples", str(n_eval), "--npz", "evals/ours.npz", "--label-sampling", "balanced",
+    run(sample + ["--num-samples", str(n_eval), "--out", "evals", "--label-sampling", "balanced",
                   "--cfg-scale", "1.5", "--chunk-size", "5", "--batch-size", "4"], elsewhere)  # fmt: skip
-    with np.load(elsewhere / "evals" / "ours.npz") as z:
+    with np.load(elsewhere / "evals" / "samples.npz") as z:
         arr, labels = z["arr_0"], z["arr_1"]
     assert arr.dtype == np.uint8 and arr.shape == (n_eval, RES, RES, 3)
     assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 2] * 4
     assert arr.std() > 5
-    settings = json.loads((elsewhere / "evals" / "ours.json").read_text())
+    settings = json.loads((elsewhere / "evals" / "samples.json").read_text())
     assert settings["num_samples"] == n_eval and settings["sampler"] == "euler"
 
     # The latents the model samples are decoded as the VAE defines: x / scaling_factor + shift_factor.
@@ -269,7 +267,7 @@ def test_rehearsal(tmp_path: Path):
 
     # ------------------------------------------------------------------ 4. evaluation and the leaderboard
     fid_common = ["--features", FEATURES, "--cache-dir", str(tmp_path / "fid-cache"), "--no-progress"]
-    run([py, "-m", "fid", "ref", str(images), "--out", "ref/ref.npz", "--image-size", str(RES), *fid_common],
+    run([py, "-m", "fid", "ref", str(images), "--npz", "ref/ref.npz", "--image-size", str(RES), *fid_common],
         elsewhere)  # fmt: skip
     with np.load(elsewhere / "ref" / "ref.npz") as z:
         ref_images = z["arr_0"]
@@ -280,10 +278,11 @@ def test_rehearsal(tmp_path: Path):
     assert [entry.split(" ")[0] for entry in ref_meta["skipped_unreadable"]] == ["zebra/broken.jpg"]
     assert "rehearsal-stand-in" in ref_meta["network"]
 
-    evaluation = run([py, "-m", "fid", "eval", "evals/ours.npz", "--ref", "ref/ref.npz", "--is-split-size", "6",
+    evaluation = run([py, "-m", "fid", "eval", "evals", "--ref", "ref/ref.npz", "--is-split-size", "6",
                       "--meta", "model=RaceDiT-rehearsal", *fid_common], elsewhere)  # fmt: skip
     assert "not the reference Inception" in evaluation.stderr
-    record = json.loads((elsewhere / "evals" / "ours.ref.fid.json").read_text())
+    record = json.loads((elsewhere / "evals" / "fid-ref.fid.json").read_text())
+    assert record["sample_settings"]["num_samples"] == n_eval  # samples.json found beside samples.npz
     m = record["metrics"]
     assert record["num_samples"] == n_eval and record["evaluator"]["comparable_with_literature"] is False
     assert "rehearsal-stand-in" in record["evaluator"]["network"]
@@ -300,7 +299,7 @@ def test_rehearsal(tmp_path: Path):
     assert m["fid"] == pytest.approx(expected_fid, rel=1e-6)  # float64 statistics on both sides
     assert m["fid"] > 0
 
-    run([py, "-m", "fid", "leaderboard", "evals", "--out-dir", "lb", "--include-test-records"], elsewhere)
+    run([py, "-m", "fid", "leaderboard", "evals", "--out", "lb", "--include-test-records"], elsewhere)
     with open(elsewhere / "lb" / "leaderboard.csv", newline="") as f:
         board = list(csv.DictReader(f))
     ours = [r for r in board if r["source"] == "ours"]

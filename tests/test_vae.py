@@ -27,7 +27,8 @@ def shifted_vae_dir(tmp_path_factory) -> Path:
 
 def test_decode_inverts_the_training_latents_with_scale_and_shift(shifted_vae_dir):
     """Training latents are (z - shift) * scale; the sampler's decoder must give vae.decode(z) back."""
-    from racedit.sampling.vae import load_vae, vae_decoder  # what sample.py and the trainer's preview call
+    from racedit.vae import decoder as vae_decoder  # what sample.py and the trainer's preview call
+    from racedit.vae import load_vae
 
     vae = load_vae(str(shifted_vae_dir))
     assert (vae.config.scaling_factor, vae.config.shift_factor) == (SCALE, SHIFT)

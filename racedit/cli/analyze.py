@@ -1,6 +1,6 @@
 """``racedit-analyze``: analyses of a trained checkpoint.
 
-  racedit-analyze norms --ckpt runs/demo/checkpoints/step_00001200 --out-dir runs/demo/analysis
+  racedit-analyze norms --ckpt runs/demo/checkpoints/step_00001200 --out runs/demo/analysis
       per-layer output norms over noise levels (racedit/analysis/norms.py): norms.csv and norms.png
 
 The data are the checkpoint's training data: the run config (``config.yaml`` in the checkpoint folder or
@@ -11,40 +11,48 @@ objective comes from the model's ``sampling.json`` when there is one, else from 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from racedit.cli.common import UserError, add_debug_flag, entry
+from racedit.cli.args import (
+    Parser,
+    add_config,
+    add_debug,
+    add_device,
+    add_out,
+    add_seed,
+    int_at_least,
+    positive_int,
+)
+from racedit.cli.common import UserError, entry, run, say
+
+PROG = "racedit-analyze"
+# The models, data and torch are imported when a sub-command runs, so --help answers at once.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="racedit-analyze",
-        description="Analyses of a trained checkpoint.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    add_debug_flag(p)
+    p = Parser(prog=PROG, description="Analyses of a trained checkpoint.", epilog=__doc__)
+    add_debug(p)
     sub = p.add_subparsers(dest="command", required=True)
     n = sub.add_parser(
         "norms",
         help="per-layer output norms over noise levels (the observation behind PLR): a CSV and a plot",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     n.add_argument("--ckpt", required=True, help="model folder or training checkpoint folder (its EMA model)")
-    n.add_argument("--config", default=None, help="run config naming the data and objective (default: "
-                   "config.yaml in the checkpoint folder or its parent)")  # fmt: skip
+    add_config(n, required=False, what="names the data and objective (default: config.yaml in the checkpoint "
+               "folder or its parent)")  # fmt: skip
     n.add_argument("--data", default=None, help="'digits' or a latent directory (overrides the run config)")
-    n.add_argument("--num-samples", type=int, default=256, help="training samples to noise, in data order")
-    n.add_argument("--levels", type=int, default=11, help="noise levels, evenly spaced over [0, 1]")
-    n.add_argument("--batch-size", type=int, default=64, help="samples per forward")
-    n.add_argument("--seed", type=int, default=0, help="seed of the noise draw (the same for every level)")
-    n.add_argument("--device", default="cpu", help="torch device")
     n.add_argument(
-        "--out-dir", default=None, help="where norms.csv and norms.png go (default: <ckpt>/analysis)"
+        "--num-samples", type=positive_int, default=256, help="training samples to noise, in data order"
     )
-    add_debug_flag(n)
+    n.add_argument(
+        "--levels", type=int_at_least(2), default=11, help="noise levels, evenly spaced over [0, 1]"
+    )
+    n.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward")
+    add_seed(n, "the noise draw (the same for every level)")
+    add_device(n)
+    add_out(n, "norms.csv and norms.png (default: <ckpt>/analysis)")
+    add_debug(n)
     return p
 
 
@@ -88,13 +96,12 @@ def cmd_norms(args: argparse.Namespace) -> int:
     from racedit.analysis.norms import layer_norms, plot, write_csv
     from racedit.data import build_dataset
     from racedit.diffusion import build_objective
+    from racedit.distributed import process_state
     from racedit.models.loading import load_model
     from racedit.sampling.meta import read_sampling_meta
 
-    if args.num_samples < 1 or args.levels < 2 or args.batch_size < 1:
-        raise UserError("--num-samples and --batch-size must be >= 1 and --levels >= 2")
     ckpt = Path(args.ckpt)
-    model = load_model(ckpt, device=args.device)
+    model = load_model(ckpt, device=process_state(args.device).device)
     run = _run_sections(ckpt, args.config)
     meta = read_sampling_meta(ckpt) if ckpt.is_dir() else None
     if meta is not None:
@@ -111,7 +118,7 @@ def cmd_norms(args: argparse.Namespace) -> int:
     labels = torch.tensor([int(y) for _, y in items])
     levels = [i / (args.levels - 1) for i in range(args.levels)]
     table = layer_norms(model, objective, x0, labels, levels, batch_size=args.batch_size, seed=args.seed)
-    out = Path(args.out_dir) if args.out_dir else (ckpt if ckpt.is_dir() else ckpt.parent) / "analysis"
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_csv(table, out / "norms.csv")
     name = getattr(model.arch, "moe", None)
@@ -119,18 +126,23 @@ def cmd_norms(args: argparse.Namespace) -> int:
     title = f"{ckpt.name}: depth {model.arch.depth}, width {model.arch.hidden_size}, {kind}; {n} samples"
     png_path = plot(table, out / "norms.png", title=title)
     stream = table.mean["stream"]
-    print(f"[analyze] stream norm, block 0 -> {table.num_layers - 1} (mean over levels): "
+    say(PROG, f"wrote {csv_path} and {png_path}")
+    print(f"stream norm, block 0 -> {table.num_layers - 1} (mean over levels): "
           + " ".join(f"{v:.2f}" for v in stream.mean(0)))  # fmt: skip
-    print(f"[analyze] wrote {csv_path} and {png_path}", file=sys.stderr)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return {"norms": cmd_norms}[args.command](args)
 
 
-console_main = entry(main, "racedit-analyze")
+def main(argv: list[str] | None = None) -> int:
+    """The command: user errors are one stderr line and exit code 2 (``--debug``: the traceback)."""
+    return run(_main, PROG, argv)
+
+
+cli = entry(_main, PROG)  # the console script racedit-analyze
 
 if __name__ == "__main__":
-    console_main()
+    cli()

@@ -1,8 +1,11 @@
-"""What every racedit command shares: user errors, ``--debug``, exit codes and progress bars.
+"""What every racedit command shares: user errors, ``--debug``, exit codes, messages and progress bars.
 
 A user error (a bad flag, a missing or corrupt file, an invalid config key) is one line on stderr that
-names the file or key and the fix, with exit code 2; the traceback appears only under ``--debug`` or
-``RACEDIT_DEBUG=1``. Anything else is a bug and keeps its traceback (exit 1).
+names the file or key and the fix, with exit code 2: raise :class:`UserError` or call :func:`fail`; the
+traceback appears only under ``--debug`` or ``RACEDIT_DEBUG=1``. Anything else is a bug and keeps its
+traceback (exit 1). Messages about the work go to stderr as ``prog: message`` (:func:`say`, safe beside a
+progress bar); results (tables, JSON, the paths written) go to stdout. Rank and world size come from
+``racedit.distributed.process_state``; the common flags are defined once in ``racedit/cli/args.py``.
 """
 
 from __future__ import annotations
@@ -12,15 +15,23 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
+from racedit.config.core import ConfigError
+from racedit.distributed import exit_command
 from racedit.errors import UserError
-from racedit.progress import progress
+from racedit.progress import progress, say
 
-__all__ = ["UserError", "add_debug_flag", "entry", "progress", "run"]
+__all__ = ["UserError", "add_debug_flag", "entry", "fail", "progress", "run", "say"]
 
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USAGE = 2  # argparse's code for usage errors; ours for every user error
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with a user error: ``prog: error: message`` on stderr, exit code 2."""
+    raise UserError(message)
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
@@ -38,8 +49,6 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types reported as one line: ours, config errors, and file-system errors naming a path."""
-    from racedit.config.core import ConfigError
-
     return (UserError, ConfigError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
@@ -63,14 +72,17 @@ def run(main: Callable[[list[str] | None], int], prog: str, argv: list[str] | No
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except (
+        BrokenPipeError
+    ):  # the reader of stdout left (`racedit-models | head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
 def entry(main: Callable[[list[str] | None], int], prog: str) -> Callable[[], None]:
     """A console-script entry point: run ``main`` through :func:`run` and leave through ``exit_command``."""
 
     def _entry() -> None:
-        from racedit.distributed import exit_command
-
         exit_command(run(main, prog))
 
     return _entry

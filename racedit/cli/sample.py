@@ -1,10 +1,12 @@
 """``sample.py`` / ``racedit-sample``: class-conditional samples from a racedit or official DiT checkpoint.
 
-Two modes:
-- a labelled grid: ``sample.py --ckpt DIR --classes 207 "golden retriever" --num-per-class 4 --out grid.png``
-- an evaluation file: ``sample.py --ckpt DIR --num-samples 50000 --npz samples.npz`` writes ADM's
-  format (``arr_0`` uint8 N x H x W x 3, ``arr_1`` labels) and ``samples.json`` (every setting).
-  Finished chunks are kept in ``samples.parts/``; rerunning the same command after a kill resumes.
+Two modes, both writing into the folder ``--out DIR`` (default ``samples``):
+- a labelled grid: ``sample.py --ckpt CKPT --classes 207 "golden retriever" --num-per-class 4 --out DIR``
+  writes ``DIR/grid.png`` and ``DIR/grid.json`` (every setting);
+- an evaluation file: ``sample.py --ckpt CKPT --num-samples 50000 --out DIR`` writes ``DIR/samples.npz`` in
+  ADM's format (``arr_0`` uint8 N x H x W x 3, ``arr_1`` labels) and ``DIR/samples.json`` (every setting);
+  ``racedit-fid eval DIR --ref REF.npz`` reads both. Finished chunks are kept in ``DIR/samples.parts/``;
+  rerunning the same command after a kill resumes.
   ``torchrun --nproc_per_node K sample.py ...`` or ``accelerate launch sample.py ...`` spreads the
   chunks over processes (CPU: gloo); sample i always gets seed (seed, i), so the result does not
   depend on the number of processes, nor on the batch size, except for models whose routing ranks
@@ -17,35 +19,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
+import racedit
 from racedit.cli.args import (
     Parser,
+    add_debug,
+    add_device,
+    add_no_progress,
+    add_out,
+    add_seed,
     finite_float,
     non_negative_float,
-    non_negative_int,
     positive_float,
     positive_int,
     unit_interval,
 )
-from racedit.cli.common import UserError, add_debug_flag, entry, progress, run
+from racedit.cli.common import UserError, entry, progress, run, say
 from racedit.config.core import to_dict
 from racedit.diffusion import DiffusionConfig, build_objective
+from racedit.distributed import process_group_scope, process_state
 from racedit.io import atomic_write_json, sha256_bytes, sha256_file
+from racedit.models.diffusers_io import is_pipeline_folder, pipeline_sampling_meta
+from racedit.models.loading import CheckpointError, load_model
+from racedit.moe import inference_batch_dependence
 from racedit.sampling.classes import default_class_names, parse_classes
 from racedit.sampling.generate import QUANTIZATIONS, generate
 from racedit.sampling.grid import save_grid
 from racedit.sampling.meta import SamplingMeta, official_dit_meta, read_sampling_meta
 from racedit.sampling.samplers import DEFAULT_STEPS, SAMPLERS
 from racedit.sampling.store import ChunkStore, ChunkStoreError
+from racedit.vae import LatentVAE, load_vae, resolve_vae
 
 PROG = "racedit-sample"
+GRID, SAMPLES = "grid", "samples"  # the file names inside --out: grid.png / grid.json, samples.npz / .json
 ALL_SAMPLERS = [s for names in SAMPLERS.values() for s in names]
 
 
@@ -53,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument(
@@ -104,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--num-per-class", type=positive_int, default=4, help="grid mode: samples per class")
     g.add_argument(
-        "--num-samples", type=positive_int, default=None, help="evaluation mode: total samples (needs --npz)"
+        "--num-samples",
+        type=positive_int,
+        default=None,
+        help="evaluation mode: total samples, written as --out/samples.npz (without it: a grid)",
     )
     g.add_argument(
         "--label-sampling",
@@ -175,17 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="euler-maruyama: diffusion g(t)^2 = norm * t (default 1)",
     )
-    g.add_argument("--seed", type=non_negative_int, default=0, help="global seed; sample i uses (seed, i)")
+    add_seed(g, "the samples (sample i uses seed (seed, i)) and of the evaluation labels")
 
     g = p.add_argument_group("output")
-    g.add_argument(
-        "--out", default=None, help="grid mode: PNG path of the labelled grid (default sample.png)"
+    add_out(
+        g,
+        "grid.png + grid.json (grid mode), or samples.npz + samples.json + samples.parts/ (with --num-samples)",
+        default="samples",
     )
     g.add_argument(
         "--nrow", type=positive_int, default=None, help="grid mode: tiles per row (default: --num-per-class)"
-    )
-    g.add_argument(
-        "--npz", default=None, help="evaluation mode: output .npz (a .json record is written beside it)"
     )
     g.add_argument(
         "--quantization",
@@ -197,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size", type=positive_int, default=500, help="evaluation mode: samples per resumable chunk"
     )
     g.add_argument("--keep-chunks", action="store_true", help="keep the .parts folder after merging")
-    g.add_argument("--overwrite", action="store_true", help="evaluation mode: redo even if the .npz exists")
+    g.add_argument(
+        "--overwrite", action="store_true", help="evaluation mode: redo even if samples.npz is complete"
+    )
 
     g = p.add_argument_group("runtime")
     g.add_argument(
@@ -206,17 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="samples per forward (results do not depend on it unless the routing ranks across the batch)",
     )
-    g.add_argument(
-        "--device", default=None, help="torch device (default: the process's accelerator, else cpu)"
-    )
+    add_device(g)
     g.add_argument(
         "--precision",
         choices=["fp32", "bf16", "fp16"],
         default="fp32",
         help="autocast precision of the model forward (the sampler state stays fp32)",
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_debug_flag(g)
+    add_no_progress(g)
+    add_debug(g)
     return p
 
 
@@ -253,16 +268,14 @@ def resolve_meta(args: argparse.Namespace, model: torch.nn.Module) -> SamplingMe
     ckpt = Path(args.ckpt)
     meta = read_sampling_meta(ckpt) if ckpt.is_dir() else None
     if meta is None and ckpt.is_dir():
-        from racedit.models.diffusers_io import is_pipeline_folder, pipeline_sampling_meta
-
         if is_pipeline_folder(ckpt):  # its vae/; the scheduler config only says which DDPM betas
             meta = pipeline_sampling_meta(ckpt)
     if meta is None:
         if ckpt.is_dir():
-            print(
-                f"[sample] {ckpt} has no sampling.json: assuming DiT's settings (latent space, ddpm, "
+            say(
+                PROG,
+                f"{ckpt} has no sampling.json: assuming DiT's settings (latent space, ddpm, "
                 "stabilityai/sd-vae-ft-ema, scale 0.18215)",
-                file=sys.stderr,
             )
         meta = official_dit_meta(image_size=model.arch.input_size * 8)
     diffusion = dict(meta.diffusion)
@@ -291,16 +304,16 @@ def evaluation_labels(args: argparse.Namespace, pool: list[int]) -> np.ndarray:
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    if args.num_samples is not None and args.npz is None:
-        parser.error("--num-samples needs --npz (the output file)")
-    if args.npz is not None and args.num_samples is None:
-        parser.error("--npz needs --num-samples")
-    if args.npz is not None and args.out is not None:
-        parser.error("choose one mode: --out (grid) or --num-samples/--npz (evaluation file)")
     if args.guidance_interval is not None and args.guidance_interval[0] > args.guidance_interval[1]:
         parser.error(f"--guidance-interval LO HI needs LO <= HI, got {args.guidance_interval}")
-    if args.npz is not None and not args.npz.endswith(".npz"):
-        parser.error("--npz must end with .npz")
+    out = Path(args.out)
+    if out.suffix.lower() in (".png", ".npz", ".json", ".jpg"):
+        parser.error(
+            f"--out is the output folder (files {GRID}.png / {SAMPLES}.npz are written inside it), got the file "
+            f"name {args.out}; pass its folder, e.g. --out {out.parent if str(out.parent) != '.' else SAMPLES}"
+        )
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out} is a file; pass a folder (created if needed)")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -312,8 +325,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    from racedit.distributed import process_group_scope
-
     with process_group_scope():  # under torchrun: every rank leaves the process group cleanly
         return _sample(argv)
 
@@ -323,10 +334,6 @@ cli = entry(_main, PROG)  # the console script racedit-sample
 
 def load_checkpoint(ckpt: str, device: torch.device, verify: bool = True) -> torch.nn.Module:
     """``load_model`` with every failure of the files (missing, corrupt, malformed) as one UserError."""
-    from safetensors import SafetensorError
-
-    from racedit.models.loading import CheckpointError, load_model
-
     path = Path(ckpt)
     if not path.exists():
         raise UserError(
@@ -371,14 +378,11 @@ def _sample(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(args, parser)
-    from accelerate import PartialState
-
     # Without CUDA (or with --device cpu), torchrun's environment means gloo processes on the CPU.
-    cpu = (args.device is not None and args.device.startswith("cpu")) or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    state = process_state(args.device)
     rank, world, is_main = state.process_index, state.num_processes, state.is_main_process
-    device = torch.device(args.device) if args.device else state.device
-    grid_mode = args.npz is None
+    device = state.device
+    grid_mode = args.num_samples is None
     if grid_mode and not is_main:
         return 0  # a grid is drawn by one process
 
@@ -409,8 +413,6 @@ def _sample(argv: list[str] | None) -> int:
 
     decode, vae_record = None, {"vae": None, "scaling_factor": None, "shift_factor": None}
     if meta.space == "latent":
-        from racedit.vae import LatentVAE, load_vae, resolve_vae
-
         source = resolve_vae(meta.vae, meta.vae_subfolder)
         latent_vae = LatentVAE(
             load_vae(source, device), meta.scaling_factor, meta.shift_factor, batch_size=args.batch_size
@@ -422,15 +424,13 @@ def _sample(argv: list[str] | None) -> int:
             "shift_factor": latent_vae.shift_factor,
         }
 
-    from racedit.moe import inference_batch_dependence
-
     dependence = inference_batch_dependence(model)
     if dependence is not None and is_main:
-        print(
-            f"[sample] batch-dependent: {dependence}; each image depends on the other samples of its batch "
+        say(
+            PROG,
+            f"batch-dependent: {dependence}; each image depends on the other samples of its batch "
             f"(--batch-size {args.batch_size}{'' if grid_mode else f' within chunks of {args.chunk_size}'}, "
             f"label order, --cfg-halves {args.cfg_halves}); the same command reproduces the same bytes",
-            file=sys.stderr,
         )
 
     wfile = weights_file(Path(args.ckpt))
@@ -478,10 +478,6 @@ def _sample(argv: list[str] | None) -> int:
 
 
 def _record(settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    import diffusers
-
-    import racedit
-
     return {
         **settings,
         **extra,
@@ -500,19 +496,19 @@ def _grid(args, model, classes, class_names, settings, common) -> int:
         classes = sorted({round(i * (n - 1) / 7) for i in range(min(8, n))})
     labels = [c for c in classes for _ in range(args.num_per_class)]
     images = generate(model, labels, progress=not args.no_progress, **common)
-    out = Path(args.out or "sample.png")
+    out = Path(args.out) / f"{GRID}.png"
     save_grid(images, labels, class_names, out, nrow=args.nrow or args.num_per_class)
     extra = {"mode": "grid", "classes": classes, "num_per_class": args.num_per_class}
     extra |= {"batch_size": args.batch_size, "class_order": labels}  # the order batches were filled in
     record = _record(settings, extra)
     record["params"] = model.param_counts()
     atomic_write_json(out.with_suffix(".json"), record, indent=2)
-    print(f"[sample] wrote {out} ({len(labels)} samples) and {out.with_suffix('.json')}")
+    print(f"wrote {out} ({len(labels)} samples) and {out.with_suffix('.json')}")
     return 0
 
 
 def _evaluation(args, model, classes, settings, common, state, rank, world, is_main) -> int:
-    npz = Path(args.npz)
+    npz = Path(args.out) / f"{SAMPLES}.npz"
     json_path = npz.with_suffix(".json")
     pool = classes if classes is not None else list(range(model.arch.num_classes))
     settings = {
@@ -527,14 +523,14 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
         old = json.loads(json_path.read_text())
         if all(old.get(k) == v for k, v in settings.items()):
             if is_main:
-                print(f"[sample] {npz} is already complete with these settings (use --overwrite to redo)")
+                print(f"{npz} is already complete with these settings (use --overwrite to redo)")
             return 0
     error: str | None = None
     if is_main:
         try:
             store.prepare(settings)
             for problem in store.remove_corrupt_chunks():  # redone below, never merged
-                print(f"[sample] {problem}", file=sys.stderr, flush=True)
+                say(PROG, problem)
         except ChunkStoreError as err:
             error = str(err)
     state.wait_for_everyone()
@@ -546,10 +542,10 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
     todo = store.missing()
     if is_main:
         done = store.num_chunks - len(todo)
-        print(
-            f"[sample] {args.num_samples} samples in {store.num_chunks} chunks of {args.chunk_size}: "
+        say(
+            PROG,
+            f"{args.num_samples} samples in {store.num_chunks} chunks of {args.chunk_size}: "
             f"{done} already done, {len(todo)} to go, over {world} process(es)",
-            flush=True,
         )
     state.wait_for_everyone()  # every rank has listed the same missing chunks before any is written
     mine = todo[rank::world]
@@ -583,7 +579,7 @@ def _evaluation(args, model, classes, settings, common, state, rank, world, is_m
         )
         record["params"] = model.param_counts()
         atomic_write_json(json_path, record, indent=2)
-        print(f"[sample] wrote {npz} and {json_path}", flush=True)
+        print(f"wrote {npz} and {json_path}", flush=True)
     state.wait_for_everyone()
     return 0
 

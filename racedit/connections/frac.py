@@ -83,15 +83,18 @@ class FracConnection(Connection):
         return pre, res, post
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, D) -> (B, L, D)
-        """Read and mix as (m x m) @ (m x D/m) products per token (static: one matrix broadcast over the
-        tokens; dynamic: batched), the write accumulated in place onto the mix (no pass per fraction)."""
-        m = self.rate
-        H = state.unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
+        """Read and mix as one batched (m x m) @ (m x D/m) product over the tokens each (static: the one
+        matrix broadcast to every token as a stride-0 batch, which a broadcasting ``matmul`` would instead
+        turn into two transposing copies of the stream around a K = m GEMM); the write accumulated in place
+        onto the mix (no pass per fraction)."""
+        m, F = self.rate, self.dim // self.rate
+        H = state.reshape(-1, m, F)  # (T, m, D/m), T = B L tokens
         pre, res, post = self.coefficients(H)
-        h0 = torch.matmul(pre.transpose(-1, -2), H).flatten(-2)  # (B, L, D)
-        out = branch(h0).unflatten(-1, (m, self.dim // m))  # (B, L, m, D/m)
-        mixed = torch.matmul(res.transpose(-1, -2), H)  # (B, L, m, D/m); its backward reads only inputs
-        return mixed.addcmul_(post.unsqueeze(-1), out).flatten(-2)
+        T = H.shape[0]
+        h0 = torch.bmm(pre.transpose(-1, -2).expand(T, m, m), H)  # (T, m, D/m)
+        out = branch(h0.view(state.shape)).view(T, m, F)  # (T, m, D/m)
+        mixed = torch.bmm(res.transpose(-1, -2).expand(T, m, m), H)  # bmm's backward reads only its inputs
+        return mixed.addcmul_(post.unsqueeze(-1), out).view(state.shape)
 
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
         """The plain einsum formula (docs/spec/connections.md, FC)."""

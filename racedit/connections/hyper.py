@@ -87,17 +87,23 @@ def mix_streams(state: Tensor, pre: Tensor, res: Tensor, post: Tensor, branch: B
     pre (..., n), res (..., n, n), post (..., n): batched matrix products, no pass per stream.
 
     h0 = pre^T H (one (1 x n) @ (n x D) product per token); new = res^T H + post out^T (one batched
-    (n x n) @ (n x D) product accumulated onto the rank-1 write)."""
+    (n x n) @ (n x D) product, then the rank-1 write accumulated onto it in place by one batched (n x 1) @ (1 x D)
+    product). Every term's backward is then a batched product too (the gradients of post and out are
+    reductions over D and over the streams, which an elementwise multiply-and-sum would spend two passes on)."""
     *lead, n, D = state.shape
-    h0 = torch.matmul(pre.unsqueeze(-2), state).squeeze(-2)  # (B, L, D)
-    out = branch(h0)  # (B, L, D)
     if res.dim() == 2:  # static: one (n x n) matrix for every token
+        h0 = torch.matmul(pre.unsqueeze(-2), state).squeeze(-2)  # (B, L, D)
+        out = branch(h0)  # (B, L, D)
         mixed = torch.matmul(res.t(), state)  # (B, L, n, D)
-    else:
-        res_t = res.transpose(-1, -2).reshape(-1, n, n)  # (BL, n, n)
-        mixed = torch.bmm(res_t, state.reshape(-1, n, D)).view(*lead, n, D)
-    # In place on the product (its backward does not read its output): no separate write tensor.
-    return mixed.addcmul_(post.unsqueeze(-1), out.unsqueeze(-2))
+        # In place on the product (its backward does not read its output): no separate write tensor.
+        return mixed.addcmul_(post.unsqueeze(-1), out.unsqueeze(-2))
+    flat = state.reshape(-1, n, D)  # (T, n, D), T = B L tokens
+    h0 = torch.bmm(pre.reshape(-1, 1, n), flat).view(*lead, D)  # (B, L, D)
+    out = branch(h0)  # (B, L, D)
+    mixed = torch.bmm(res.reshape(-1, n, n).transpose(-1, -2), flat)  # (T, n, D)
+    # In place on the product (bmm's backward reads its inputs, not its output): no separate write tensor.
+    mixed.baddbmm_(post.reshape(-1, n, 1), out.reshape(-1, 1, D))
+    return mixed.view(*lead, n, D)
 
 
 def mix_streams_reference(state: Tensor, pre: Tensor, res: Tensor, post: Tensor, branch: Branch) -> Tensor:

@@ -1,6 +1,6 @@
-"""``python -m racedit.data`` is ``racedit-extract`` (extract / verify / stats)."""
+"""``python -m racedit.data``: the ``racedit-extract`` command (``racedit/cli/extract.py``)."""
 
-from racedit.data.extract import cli
+from racedit.cli.extract import cli
 
 if __name__ == "__main__":
     cli()

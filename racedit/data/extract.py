@@ -1,8 +1,9 @@
-"""``racedit-extract``: encode an image-folder dataset into VAE latent shards; verify them; report their stats.
+"""Encode an image-folder dataset into VAE latent shards; verify them; report their stats.
 
-Subcommands (``racedit-extract <cmd> --help`` explains every flag):
+The library behind the ``racedit-extract`` command (``racedit/cli/extract.py``), one function per
+subcommand:
 
-``extract``  ImageFolder tree -> ADM center crop -> diffusers ``AutoencoderKL`` -> for each image *and its
+``extract_latents``  ImageFolder tree -> ADM center crop -> diffusers ``AutoencoderKL`` -> for each image *and its
              horizontal flip* the posterior mean and std (fp16), in shards with a label index and a
              metadata file (format: ``racedit/data/format.py``). Several processes (``torchrun`` or
              ``accelerate launch``) each take shards ``k`` with ``k % world_size == rank``. Resumable: a
@@ -12,24 +13,14 @@ Subcommands (``racedit-extract <cmd> --help`` explains every flag):
 ``verify``   checks every file's content hash against ``manifest.json`` (a single flipped byte fails), and
              every shard against the index and metadata (counts, shapes, dtypes, labels, finite values,
              every image exactly once).
-``stats``    per-channel mean and std of the scaled latents the trainer will see: a wrong scaling factor
-             shows up as a std far from 1.
-
-Examples::
-
-    racedit-extract extract --data-dir /data/imagenet/train --out /data/latents/in256 --resolution 256
-    torchrun --nproc_per_node 8 -m racedit.data.extract extract --data-dir ... --out ...
-    racedit-extract verify --root /data/latents/in256
-    racedit-extract stats --root /data/latents/in256
+``latent_stats`` per-channel mean and std of the scaled latents the trainer will see: a wrong scaling
+             factor shows up as a std far from 1.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,9 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from racedit.cli.args import Parser, non_negative_float, non_negative_int, positive_float, positive_int
-from racedit.cli.common import UserError, add_debug_flag, entry, run
-from racedit.cli.common import progress as progress_bar
 from racedit.data.format import (
     FILES_FILE,
     FORMAT_NAME,
@@ -62,12 +50,18 @@ from racedit.data.format import (
     write_safetensors,
     write_shard_hash,
 )
+from racedit.data.imagefolder import ImageListDataset, collate_items, list_image_folder
+from racedit.data.latents import LatentDataset
+from racedit.distributed import process_state
+from racedit.errors import UserError
 from racedit.io import atomic_write_json, check_manifest, remove_stale_temporaries, sha256_file
+from racedit.progress import progress as progress_bar
+from racedit.progress import say
 from racedit.vae import DEFAULT_VAE, load_vae, resolve_vae
 
-PROG = "racedit-extract"
+PROG = "racedit-extract"  # the prefix of the messages
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # VAE compute precisions
 FP16_MAX = 65504.0
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings a shard's content depends on; a rerun must match them to resume (batch size, workers do not).
 _PLAN_KEYS = (
     "data_dir",
@@ -88,7 +82,7 @@ class ExtractError(UserError):
 
 
 def _log(msg: str) -> None:
-    print(f"[racedit-extract] {msg}", file=sys.stderr, flush=True)
+    say(PROG, msg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,8 +139,6 @@ def encode_batch(vae: Any, images: torch.Tensor, dtype: torch.dtype) -> tuple[np
 
 def make_or_check_plan(out: Path, data_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Write plan.json + files.json on the first run; on a rerun check the settings match. Main process only."""
-    from racedit.data.imagefolder import list_image_folder
-
     plan_path = out / PLAN_FILE
     if plan_path.is_file() and (out / FILES_FILE).is_file():
         plan = read_json(plan_path, "plan file")
@@ -220,31 +212,32 @@ def _encode_shards(
     files: list[tuple[str, int]],
     shards: list[int],
     plan: dict[str, Any],
-    args: argparse.Namespace,
     out: Path,
+    *,
+    batch_size: int,
+    num_workers: int,
+    throttle: float,
     show_progress: bool,
 ) -> None:
     """Encode the given shards in order; each is written (atomically) as soon as its last batch is done."""
-    from racedit.data.imagefolder import ImageListDataset, collate_items
-
     settings = plan["settings"]
     size, n_files = settings["shard_size"], plan["num_files"]
     latent_shape = tuple(settings["latent_shape"])
-    dtype = _DTYPES[settings["encode_dtype"]]
+    dtype = DTYPES[settings["encode_dtype"]]
     batches: list[list[int]] = []
     ends: list[int | None] = []  # shard index when the batch closes a shard, else None
     for k in shards:
         idx = list(range(k * size, min((k + 1) * size, n_files)))
-        for j in range(0, len(idx), args.batch_size):
-            batches.append(idx[j : j + args.batch_size])
-            ends.append(k if j + args.batch_size >= len(idx) else None)
+        for j in range(0, len(idx), batch_size):
+            batches.append(idx[j : j + batch_size])
+            ends.append(k if j + batch_size >= len(idx) else None)
     dataset = ImageListDataset(data_dir, files, settings["resolution"])
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         collate_fn=collate_items,
-        prefetch_factor=4 if args.num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
     )
     total = sum(len(b) for b in batches)
     bar = progress_bar(total=total, unit="img", desc="encoding", disable=not show_progress)
@@ -285,9 +278,9 @@ def _encode_shards(
             for e in excluded:
                 _log(f"excluded unreadable image {e['path']} ({e['error']})")
             means, stds, labels, indices, excluded = [], [], [], [], []
-            bar.set_postfix(shard=end)
-        if args.throttle > 0:
-            time.sleep(args.throttle)
+            bar.set_postfix(shard=end, refresh=False)
+        if throttle > 0:
+            time.sleep(throttle)
     bar.close()
 
 
@@ -372,50 +365,44 @@ def finalize(
     return meta
 
 
-class _SingleProcess:
-    """The parts of accelerate's PartialState used here, for a plain (non-launched) single process."""
-
-    process_index = 0
-    num_processes = 1
-    is_main_process = True
-    is_local_main_process = True
-
-    def __init__(self, cpu: bool) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
-def _process_state(cpu: bool, timeout_hours: float) -> Any:
-    """accelerate's PartialState under torchrun / accelerate launch (gloo on CPU), else one plain process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _SingleProcess(cpu)
-    from datetime import timedelta
-
-    from accelerate import PartialState
-
-    return PartialState(cpu=cpu or not torch.cuda.is_available(), timeout=timedelta(hours=timeout_hours))
-
-
-def run_extract(args: argparse.Namespace) -> int:
-    state = _process_state(args.cpu, args.timeout_hours)
-    out = Path(args.out).expanduser().resolve()
-    data_dir = Path(args.data_dir).expanduser().resolve()
+def extract_latents(
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    vae: str = DEFAULT_VAE,
+    vae_subfolder: str | None = None,
+    resolution: int = 256,
+    batch_size: int = 32,
+    shard_size: int = 4096,
+    num_workers: int = 0,
+    dtype: str = "fp32",
+    scaling_factor: float | None = None,
+    device: str | None = None,
+    timeout_hours: float = 12.0,
+    throttle: float = 0.0,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Encode ``data_dir/<class>/<image>`` into shards under ``out`` (resumable; every process of a launch
+    takes shards ``k % world_size == rank``). Returns ``meta.json``'s content on the main process, else None.
+    ``device``: as ``racedit.distributed.process_state`` takes it; ``throttle``: seconds to sleep after each
+    batch (for tests of interruption and resume)."""
+    state = process_state(device, timeout=datetime.timedelta(hours=timeout_hours))
+    out = Path(out).expanduser().resolve()
+    data_dir = Path(data_dir).expanduser().resolve()
     if not data_dir.is_dir() and not (out / PLAN_FILE).is_file():  # a resume only needs files.json
         raise ExtractError(f"--data-dir {data_dir} is not a folder; expected <data-dir>/<class name>/<image>")
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    source = resolve_vae(args.vae, args.vae_subfolder)  # a local folder is recorded absolute
-    vae = load_vae(source, state.device, _DTYPES[args.dtype])
-    props = vae_properties(vae, args.resolution, args.scaling_factor)
+    source = resolve_vae(vae, vae_subfolder)  # a local folder is recorded absolute
+    autoencoder = load_vae(source, state.device, DTYPES[dtype])
+    props = vae_properties(autoencoder, resolution, scaling_factor)
     settings = {
         "data_dir": str(data_dir),
         "vae": source.name,
         "vae_subfolder": source.subfolder,
-        "resolution": args.resolution,
-        "shard_size": args.shard_size,
-        "encode_dtype": args.dtype,
+        "resolution": resolution,
+        "shard_size": shard_size,
+        "encode_dtype": dtype,
         **{k: props[k] for k in ("vae_config", "scaling_factor", "shift_factor", "latent_shape")},
     }
     if state.is_main_process:
@@ -440,8 +427,20 @@ def run_extract(args: argparse.Namespace) -> int:
         f"({plan['num_files']} images, {plan['num_shards']} shards of {plan['settings']['shard_size']} in all)"
     )
     if todo:
-        _encode_shards(vae, data_dir, files, todo, plan, args, out, state.is_local_main_process)
+        _encode_shards(
+            autoencoder,
+            data_dir,
+            files,
+            todo,
+            plan,
+            out,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            throttle=throttle,
+            show_progress=progress and state.is_local_main_process,
+        )
     state.wait_for_everyone()
+    meta = None
     if state.is_main_process:
         meta = finalize(out, plan, source.record(), file_list)
         _log(
@@ -450,7 +449,7 @@ def run_extract(args: argparse.Namespace) -> int:
             f"{meta['scaling_factor']}"
         )
     state.wait_for_everyone()
-    return 0
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -528,21 +527,6 @@ def verify(root: str | Path, quick: bool = False, progress: bool = True) -> list
     return problems
 
 
-def run_verify(args: argparse.Namespace) -> int:
-    problems = verify(args.root, quick=args.quick)
-    if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {args.root}:")
-        for p in problems:
-            print(f"  - {p}")
-        return 1
-    meta = load_meta(args.root)
-    print(
-        f"OK: {meta['num_images']} images in {meta['num_shards']} shards, {meta['num_classes']} classes, "
-        f"latents {meta['latent_shape']} ({'headers and labels only' if args.quick else 'all values checked'})"
-    )
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------
 # stats
 # ---------------------------------------------------------------------------------------------------
@@ -550,8 +534,6 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def latent_stats(root: str | Path, max_images: int = 10000, seed: int = 0) -> dict[str, Any]:
     """Per-channel mean/std of the latents the trainer sees (one posterior draw, random flip, scaled)."""
-    from racedit.data.latents import LatentDataset
-
     ds = LatentDataset(root, seed=seed)
     n = len(ds)
     rng = np.random.default_rng(seed)
@@ -580,152 +562,3 @@ def latent_stats(root: str | Path, max_images: int = 10000, seed: int = 0) -> di
         "std": overall_std,
         "unit_std_scaling_factor": sf / overall_std if overall_std > 0 else None,
     }
-
-
-def run_stats(args: argparse.Namespace) -> int:
-    stats = latent_stats(args.root, args.max_images, args.seed)
-    if args.json:
-        print(json.dumps(stats, indent=1))
-        return 0
-    print(
-        f"latent statistics of {stats['root']}: {stats['images']} images, one posterior draw each, random "
-        f"flip, multiplied by the scaling factor {stats['scaling_factor']}"
-    )
-    print(f"{'channel':>8} {'mean':>9} {'std':>9}")
-    for c, (m, s) in enumerate(zip(stats["channel_mean"], stats["channel_std"])):
-        print(f"{c:>8} {m:>9.4f} {s:>9.4f}")
-    print(f"{'all':>8} {stats['mean']:>9.4f} {stats['std']:>9.4f}")
-    if stats["unit_std_scaling_factor"] is not None:
-        print(f"a scaling factor of {stats['unit_std_scaling_factor']:.5f} would give unit std")
-    if not 0.5 <= stats["std"] <= 2.0:
-        print(
-            f"WARNING: the scaled latents have std {stats['std']:.3g}, far from 1: the scaling factor "
-            f"{stats['scaling_factor']} in meta.json is probably wrong for this VAE"
-        )
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog=PROG,
-        description="Encode an image-folder dataset into VAE latent shards, verify them, report their stats.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{extract,verify,stats}")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    ex = sub.add_parser(
-        "extract",
-        help="encode an ImageFolder tree into latent shards (resumable; multi-process with torchrun)",
-        description="Encode <data-dir>/<class>/<image> with ADM's center crop and a diffusers AutoencoderKL; "
-        "store mean and std (fp16) of each image and its horizontal flip. Rerun the same command to resume "
-        "after an interruption. Launch with `torchrun --nproc_per_node N -m racedit.data.extract extract ...` "
-        "or `accelerate launch` to use N processes (each takes every N-th shard).",
-        formatter_class=fmt,
-    )
-    ex.add_argument("--data-dir", required=True, help="root of the image folder: <data-dir>/<class>/<image>")
-    ex.add_argument("--out", required=True, help="output directory of the shards (created; reused to resume)")
-    ex.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub id or local folder")
-    ex.add_argument(
-        "--vae-subfolder",
-        default=None,
-        help="subfolder of --vae holding the VAE (auto 'vae' for a full Stable Diffusion pipeline folder)",
-    )
-    ex.add_argument(
-        "--resolution", type=positive_int, default=256, help="image side after ADM center crop (256, 512)"
-    )
-    ex.add_argument(
-        "--batch-size", type=positive_int, default=32, help="images per VAE forward (x2 with flips)"
-    )
-    ex.add_argument(
-        "--shard-size",
-        type=positive_int,
-        default=4096,
-        help="images per shard (the unit of resume and of work)",
-    )
-    ex.add_argument(
-        "--num-workers",
-        type=non_negative_int,
-        default=min(8, os.cpu_count() or 1),
-        help="image decoding processes",
-    )
-    ex.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="fp32", help="VAE compute precision (storage is fp16)"
-    )
-    ex.add_argument(
-        "--scaling-factor",
-        type=positive_float,
-        default=None,
-        help="latent scaling factor to record; default: the VAE config's (0.18215 for SD VAEs)",
-    )
-    ex.add_argument("--cpu", action="store_true", help="encode on the CPU even when a GPU is present")
-    ex.add_argument(
-        "--timeout-hours",
-        type=positive_float,
-        default=12.0,
-        help="how long processes wait for each other at the end",
-    )
-    ex.add_argument(
-        "--throttle",
-        type=non_negative_float,
-        default=0.0,
-        help="seconds to sleep after each batch (only for testing interruption and resume)",
-    )
-    add_debug_flag(ex)
-    ex.set_defaults(func=run_extract)
-
-    ve = sub.add_parser(
-        "verify",
-        help="check every shard against the index (counts, shapes, labels, finite values)",
-        description="Check a latent directory: shard headers against meta.json and the index, labels, "
-        "each image exactly once, and (unless --quick) every stored value finite with std >= 0. "
-        "Exit status 1 when a problem is found.",
-        formatter_class=fmt,
-    )
-    ve.add_argument("--root", required=True, help="latent directory written by `racedit-extract extract`")
-    ve.add_argument("--quick", action="store_true", help="check headers and labels only, not every value")
-    add_debug_flag(ve)
-    ve.set_defaults(func=run_verify)
-
-    st = sub.add_parser(
-        "stats",
-        help="per-channel mean/std of the scaled latents (spot a wrong scaling factor)",
-        description="Per-channel mean and std of the latents as the trainer sees them (one posterior draw, "
-        "random flip, times the scaling factor). A std far from 1 means a wrong scaling factor.",
-        formatter_class=fmt,
-    )
-    st.add_argument("--root", required=True, help="latent directory written by `racedit-extract extract`")
-    st.add_argument(
-        "--max-images", type=positive_int, default=10000, help="random subset size (all if fewer)"
-    )
-    st.add_argument(
-        "--seed", type=non_negative_int, default=0, help="seed of the subset and of the posterior draws"
-    )
-    st.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    add_debug_flag(st)
-    st.set_defaults(func=run_stats)
-    return parser
-
-
-def _main(argv: list[str] | None = None) -> int:
-    from racedit.distributed import process_group_scope
-
-    args = build_parser().parse_args(argv)
-    with process_group_scope():  # under torchrun: every rank leaves the process group cleanly
-        return args.func(args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command: user errors are one stderr line and exit code 2 (``--debug``: the traceback)."""
-    return run(_main, PROG, argv)
-
-
-cli = entry(_main, PROG)  # the console script racedit-extract
-
-if __name__ == "__main__":
-    cli()

@@ -1,20 +1,24 @@
 """The one switch between the Triton kernels and the PyTorch reference (docs/spec/kernels.md, design.md).
 
-Callers (the MoE layer) use only these functions. ``impl``:
-- ``"auto"``: Triton for CUDA tensors when Triton is importable; on CPU the routing reference and, for
-  ``expert_ffn``, its one-autograd-node form (``cpu_experts.py``: the reference's math without the
-  per-expert autograd graph), except while ``torch.compile`` traces (the reference compiles better); the
-  reference otherwise;
-- ``"torch"``: the PyTorch reference (``reference.py``) on any device, op by op;
-- ``"triton"``: the Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
-- ``"grouped_mm"`` (``expert_ffn`` only; routing behaves as ``"auto"``): ``torch._grouped_mm`` GEMMs.
+Callers (the MoE layer, through its routing strategy) use only these functions. Two kinds of work, two
+choices of implementation:
+- the routing layout (``race_plan``, ``plan_from_mask``) takes a ``RoutingImpl``:
+  ``"auto"`` (Triton for CUDA tensors when Triton is importable, the reference otherwise), ``"torch"``
+  (the PyTorch reference, ``reference.py``, on any device) or ``"triton"`` (the Triton kernels: CUDA
+  tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
+- the expert computation (``expert_ffn``) takes an ``ExpertImpl``: the same three, or ``"grouped_mm"``
+  (``torch._grouped_mm`` GEMMs, ``grouped_mm.py``). It has no routing counterpart, and a routing call
+  refuses it; ``MoEConfig.routing_impl`` says which routing kernels a layer with ``impl="grouped_mm"`` uses.
+  On CPU tensors ``"auto"`` runs the reference's math as one autograd node (``cpu_experts.py``: no
+  per-expert autograd graph, weight gradients filled in place), except while ``torch.compile`` traces,
+  where the reference compiles better; ``"torch"`` always runs the reference op by op.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -22,8 +26,20 @@ from torch import Tensor
 from racedit.kernels import cpu_experts, reference
 from racedit.kernels.reference import RoutePlan, Ties
 
-Impl = Literal["auto", "torch", "triton", "grouped_mm"]
-_IMPLS = ("auto", "torch", "triton", "grouped_mm")
+RoutingImpl = Literal["auto", "torch", "triton"]
+ExpertImpl = Literal["auto", "torch", "triton", "grouped_mm"]
+ROUTING_IMPLS: tuple[str, ...] = get_args(RoutingImpl)
+EXPERT_IMPLS: tuple[str, ...] = get_args(ExpertImpl)
+
+
+def check_routing_impl(impl: str) -> None:
+    if impl == "grouped_mm":
+        raise ValueError(
+            "impl='grouped_mm' selects torch._grouped_mm for the expert GEMMs; it has no routing kernel. "
+            f"Route with one of {ROUTING_IMPLS}"
+        )
+    if impl not in ROUTING_IMPLS:
+        raise ValueError(f"routing impl must be one of {ROUTING_IMPLS}, got {impl!r}")
 
 
 def triton_available() -> bool:
@@ -34,10 +50,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(t: Tensor, impl: Impl) -> bool:
+def use_triton(t: Tensor, impl: RoutingImpl) -> bool:
     """Whether ``impl`` sends work on ``t``'s device to the Triton kernels (raises on impossible asks)."""
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    check_routing_impl(impl)
     if impl == "torch":
         return False
     if impl == "triton":
@@ -54,7 +69,7 @@ def use_triton(t: Tensor, impl: Impl) -> bool:
     return t.is_cuda and triton_available()
 
 
-def plan_from_mask(mask: Tensor, gates: Tensor, impl: Impl = "auto") -> RoutePlan:
+def plan_from_mask(mask: Tensor, gates: Tensor, impl: RoutingImpl = "auto") -> RoutePlan:
     """Sorted (expert-major) layout of any strategy's selection mask (T, E); gates (T, E) per pair."""
     if use_triton(gates, impl):
         from racedit.kernels.triton_routing import build_plan
@@ -68,7 +83,7 @@ def race_plan(
     k_total: int | None = None,
     tau: Tensor | float | None = None,
     ties: Ties = "index",
-    impl: Impl = "auto",
+    impl: RoutingImpl = "auto",
 ) -> RoutePlan:
     """Expert race over all T*E scores at once, fused with the layout (docs/spec/kernels.md).
 
@@ -88,12 +103,14 @@ def race_plan(
 
 
 def expert_ffn(
-    x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, impl: Impl = "auto"
+    x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, impl: ExpertImpl = "auto"
 ) -> Tensor:
     """Gate-weighted sum of the selected experts' outputs per token: x (T, D) -> (T, D).
 
     w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D); the expert is GELU_tanh(x w1 + b1) w2 + b2.
     """
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl!r}")
     if impl == "grouped_mm":
         from racedit.kernels import grouped_mm
 

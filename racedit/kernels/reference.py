@@ -16,13 +16,22 @@ Layout ("plan") of a routing decision over T tokens and E experts with K selecte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# How the K-th value's ties are cut, for every routing path (reference, Triton, strategies, distributed):
+# "index" takes exactly K, the lowest flat indices first; "all" keeps every entry >= the K-th value.
 Ties = Literal["index", "all"]
+TIES: tuple[str, ...] = get_args(Ties)
+NAN_MESSAGE = "router scores contain NaN; check the model for a diverged forward (loss, lr)"
+
+
+def check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
 
 
 @dataclass
@@ -125,7 +134,7 @@ def check_scores(scores: Tensor) -> None:
             f"router scores must be a float (T, E) tensor, got {scores.dtype} {tuple(scores.shape)}"
         )
     if torch.isnan(scores).any():
-        raise ValueError("router scores contain NaN; check the model for a diverged forward (loss, lr)")
+        raise ValueError(NAN_MESSAGE)
 
 
 def race_plan(
@@ -160,8 +169,7 @@ def race_mask(scores: Tensor, k_total: int, ties: Ties = "index") -> tuple[Tenso
     flat = scores.reshape(-1)
     if not 1 <= k_total <= flat.numel():
         raise ValueError(f"k must be in [1, {flat.numel()}] for {flat.numel()} candidates, got {k_total}")
-    if ties not in ("index", "all"):
-        raise ValueError(f"ties must be 'index' or 'all', got {ties!r}")
+    check_ties(ties)
     kth = torch.topk(flat, k_total, sorted=False).values.min()  # the K-th largest value
     if ties == "all":
         return (flat >= kth).view_as(scores), kth

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from racedit.kernels.reference import RoutePlan, Ties, gather_gates_from_values
+from racedit.kernels.reference import NAN_MESSAGE, RoutePlan, Ties, check_ties, gather_gates_from_values
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -33,8 +33,6 @@ NUM_BINS = 1 << RADIX_BITS
 MODE_RACE = 0  # exact top-K through the radix cut
 MODE_THRESHOLD = 1  # score >= tau
 MODE_MASK = 2  # a given boolean selection
-
-NAN_MESSAGE = "router scores contain NaN; check the model for a diverged forward (loss, lr)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,8 +342,7 @@ def build_plan(
     modes = [k_total is not None, tau is not None, mask is not None]
     if sum(modes) != 1:
         raise ValueError("build_plan takes exactly one of k_total, tau or mask")
-    if ties not in ("index", "all"):
-        raise ValueError(f"ties must be 'index' or 'all', got {ties!r}")
+    check_ties(ties)
     mode = MODE_RACE if modes[0] else MODE_THRESHOLD if modes[1] else MODE_MASK
     T, E = scores.shape
     N = T * E

@@ -4,7 +4,7 @@ from racedit.moe.config import MoEConfig
 from racedit.moe.layer import MoEFeedForward, inference_batch_dependence
 from racedit.moe.losses import aux_losses
 from racedit.moe.metrics import RoutingStats, plot_allocation_heatmap
-from racedit.moe.threshold import Threshold, sync_thresholds
+from racedit.moe.threshold import Threshold
 
 __all__ = [
     "MoEConfig",
@@ -14,5 +14,4 @@ __all__ = [
     "aux_losses",
     "inference_batch_dependence",
     "plot_allocation_heatmap",
-    "sync_thresholds",
 ]

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from racedit.kernels.dispatch import ExpertImpl, RoutingImpl
+from racedit.kernels.reference import Ties
+from racedit.routing import GroupedTopK, Scope, get_strategy
+
 Router = Literal["race", "token", "expert", "bl", "be", "le"]
 Gating = Literal["identity", "sigmoid", "softmax"]
 
@@ -17,10 +21,10 @@ class MoEConfig:
     every: int = 1  # every n-th block is MoE (blocks n-1, 2n-1, ...); 1 = all blocks
     router: Router = "race"  # routing strategy (docs/spec/race-dit.md section 3)
     gating: Gating = "identity"  # gating function G applied to router scores
-    ties: Literal["index", "all"] = "index"  # exact K (lowest flat index wins) or keep every tie
+    ties: Ties = "index"  # exact K (lowest flat index wins) or keep every tie
     # expert race under several processes: race each process's scores ("local"), or take the cut over the
     # union of all processes' scores ("global": K = k x global tokens, ties rank-major; training only)
-    race_scope: Literal["local", "global"] = "local"
+    race_scope: Scope = "local"
     threshold_decay: float = 0.95  # EMA decay of the learnable threshold tau (expert race)
     eval_routing: Literal["threshold", "topk"] = "threshold"  # race at eval: score >= tau, or batch top-K
     # The defaults are the Race-DiT paper's full method (its B/2 2-in-8 ablation: FID 8.03): every
@@ -28,7 +32,9 @@ class MoEConfig:
     plr_weight: float = 1e-2  # per-layer regularization weight; 0 = off (no PLR head is built)
     rsl_weight: float = 1e-4  # router-similarity loss weight; 0 = off
     balance_weight: float = 0.0  # Switch balance loss weight (the baseline)
-    impl: Literal["auto", "torch", "triton", "grouped_mm"] = "auto"  # auto: Triton on CUDA, reference on CPU
+    # Kernels (racedit/kernels/dispatch.py): "auto" = Triton on CUDA, the PyTorch reference on CPU; "torch";
+    # "triton"; "grouped_mm" = torch._grouped_mm for the expert GEMMs, routing kernels on "auto".
+    impl: ExpertImpl = "auto"
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.k < 1 or self.k > self.num_experts:
@@ -46,6 +52,17 @@ class MoEConfig:
             )
         if not 0.0 <= self.threshold_decay < 1.0:
             raise ValueError(f"threshold_decay must be in [0, 1), got {self.threshold_decay}")
+
+    @property
+    def routing_impl(self) -> RoutingImpl:
+        """The routing kernels' implementation: ``impl``, except that ``grouped_mm`` (an expert-GEMM backend
+        with no routing kernel) routes with ``auto``."""
+        return "auto" if self.impl == "grouped_mm" else self.impl
+
+    def routing_strategy(self) -> GroupedTopK:
+        """The routing strategy of an MoE layer, its settings bound once: ``router``, ``k``, ``ties``, the
+        routing kernels and ``race_scope`` (the scope of training forwards; eval batches race locally)."""
+        return get_strategy(self.router, self.k, self.ties, self.routing_impl, self.race_scope)
 
     @property
     def split(self) -> int:

@@ -29,16 +29,13 @@ Decisions (documented here, tested in tests/moe):
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from racedit.interfaces import FeedForward, ForwardAux
+from racedit.interfaces import FeedForward, ForwardAux, RoutingRecord
 from racedit.kernels import dispatch
 from racedit.moe.config import MoEConfig
-from racedit.moe.threshold import Threshold, global_kth, in_backward_recompute
-from racedit.routing import get_strategy
+from racedit.moe.threshold import Threshold, in_backward_recompute
 
 GATING = {
     "identity": lambda s: s,
@@ -77,7 +74,7 @@ class MoEFeedForward(FeedForward):
         self.cfg = cfg
         self.layer_index = layer_index
         self.dim, self.expert_hidden, self.num_experts = dim, H, E
-        self.strategy = get_strategy(cfg.router)
+        self.strategy = cfg.routing_strategy()  # k, ties, routing kernels and race scope bound once
         self.gating = GATING[cfg.gating]
         self.router = Router(dim, E, target_dim if cfg.plr_weight > 0 else None)
         self.w1 = nn.Parameter(torch.empty(E, dim, H))  # (E, D, H)
@@ -120,18 +117,16 @@ class MoEFeedForward(FeedForward):
         ranks across B (bl, be, race) and no per-token threshold replaces the ranking."""
         return self.strategy.ranks_across_batch and not self.eval_uses_threshold()
 
-    def route(self, scores: Tensor) -> tuple[dispatch.RoutePlan, bool]:
-        """Gated scores (B, L, E) -> (plan over T = B*L tokens, whether the threshold routed)."""
-        use_tau = not self.training and self.eval_uses_threshold()
-        tau = self.threshold.tau if use_tau else None  # fp32; compared with the scores in fp32
-        plan = self.strategy.plan(scores, self.cfg.k, self.cfg.ties, self.cfg.impl, tau=tau, scope=self.scope)
-        return plan, use_tau
-
-    @property
-    def scope(self) -> str:
-        """Race scope of this forward: ``cfg.race_scope`` in training; eval batches always race locally
-        (processes may sample different numbers of batches, so no collective there)."""
-        return self.cfg.race_scope if self.training else "local"
+    def route(self, scores: Tensor) -> dispatch.RoutePlan:
+        """Gated scores (B, L, E) -> plan over the T = B*L tokens. Training: the strategy's top-K (the race
+        over every process's scores with ``race_scope=global``). Eval: ``score >= tau`` where the threshold
+        routes, otherwise the top-K of this process's batch alone (processes may sample different numbers
+        of eval batches, so no collective there)."""
+        if self.training:
+            return self.strategy.plan(scores)
+        if self.eval_uses_threshold():
+            return self.strategy.threshold_plan(scores, self.threshold.tau)  # tau fp32, compared in fp32
+        return self.strategy.local().plan(scores)
 
     def forward(self, h: Tensor, aux: ForwardAux | None = None) -> Tensor:
         B, L, D = h.shape
@@ -139,43 +134,30 @@ class MoEFeedForward(FeedForward):
         x = h.reshape(B * L, D)  # (T, D)
         u, logits = self.router(x)  # (T, D), (T, E)
         scores = self.gating(logits)  # (T, E) gated G(s): selection and gates
-        plan, thresholded = self.route(scores.view(B, L, E))
+        plan = self.route(scores.view(B, L, E))
         y = dispatch.expert_ffn(x, plan, self.w1, self.b1, self.w2, self.b2, self.cfg.impl)  # (T, D)
 
         recompute = in_backward_recompute()  # gradient checkpointing re-runs this forward inside backward
-        if self.training and plan.kth is not None and not recompute:
-            # scope "global": plan.kth already is the global K-th value; "local": one radix select for it
-            kth = plan.kth if self.scope == "global" else global_kth(scores, self.cfg.k, local_kth=plan.kth)
-            self.threshold.update(kth)
+        if self.training and self.strategy.uses_threshold and not recompute:
+            # T_K of the global batch: the race's own K-th value, or a radix select over every process
+            self.threshold.update(self.strategy.threshold_kth(scores, plan.kth))
         if aux is not None:
             # Built in both passes, so a checkpointed recompute saves the same tensors for backward
             # (the PLR head's forward); only the first pass hands it to the trainer.
-            record = self._record(B, L, logits, plan, u, thresholded)
+            record = self._record(B, L, logits, plan, u)
             if not recompute:
                 aux.add(record)
         return y.view(B, L, D)
 
-    def _record(
-        self, B: int, L: int, logits: Tensor, plan: dispatch.RoutePlan, u: Tensor, thresholded: bool
-    ) -> dict[str, Any]:
-        """One aux record (racedit/moe/losses.py and metrics.py read it)."""
-        E = self.num_experts
-        mask = plan.mask().view(B, L, E)  # (B, L, E) bool
-        record: dict[str, Any] = {
-            "layer": self.layer_index,
-            "router": self.cfg.router,
-            "k": self.cfg.k,
-            "logits": logits,  # (T, E) raw gating-head logits s, with grad (RSL, balance)
-            "mask": mask,  # (B, L, E) bool selection, no grad
-            "counts": plan.counts,  # (E,) int64 tokens per expert
-            "experts_per_sample": mask.sum(-1).float().mean(-1),  # (B,) mean experts per token
-            "tau": self.threshold.tau.detach().clone() if self.strategy.uses_threshold else None,
-            "kth": plan.kth,  # scalar, training-mode expert race only
-            "thresholded": thresholded,
-        }
-        if self.training and self.router.target_head is not None:
-            record["plr_pred"] = self.router.target_head(u).view(B, L, -1)  # (B, L, target_dim)
-        return record
+    def _record(self, B: int, L: int, logits: Tensor, plan: dispatch.RoutePlan, u: Tensor) -> RoutingRecord:
+        head = self.router.target_head
+        return RoutingRecord(
+            layer=self.layer_index,
+            logits=logits,  # (T, E), with grad
+            mask=plan.mask().view(B, L, self.num_experts),  # (B, L, E)
+            tau=self.threshold.tau.detach().clone() if self.strategy.uses_threshold else None,
+            plr_pred=head(u).view(B, L, -1) if self.training and head is not None else None,
+        )
 
     # ------------------------------------------------------------------------- accounting
 
@@ -213,8 +195,9 @@ def inference_batch_dependence(model: nn.Module) -> str | None:
     layers = [m for m in model.modules() if isinstance(m, MoEFeedForward) and m.eval_batch_dependent()]
     if not layers:
         return None
-    cfg = layers[0].cfg
-    if cfg.router != "race":
+    layer = layers[0]
+    cfg = layer.cfg
+    if not layer.strategy.uses_threshold:
         why = f"router {cfg.router!r} ranks across the batch"
     elif cfg.eval_routing == "topk":
         why = "expert race with eval_routing=topk ranks across the batch"

@@ -1,8 +1,8 @@
 """Auxiliary losses of the MoE layers: PLR, router-similarity loss, Switch balance loss.
 
-docs/spec/race-dit.md sections 4-5. Every MoE layer appends one record to ``ForwardAux.layers`` (see
-``racedit/moe/layer.py``); ``aux_losses`` turns the records into weighted terms that the trainer adds to
-the diffusion loss:
+docs/spec/race-dit.md sections 4-5. Every MoE layer appends one ``RoutingRecord`` to ``ForwardAux.layers``
+(``racedit/interfaces.py``); ``aux_losses`` turns the records into weighted terms that the trainer adds
+to the diffusion loss:
 
     L = L_diffusion + plr_weight * sum_l L_PLR,l + rsl_weight * sum_l L_sim,l + balance_weight * sum_l L_bal,l
 
@@ -91,13 +91,13 @@ def aux_losses(aux: ForwardAux, target_tokens: Tensor | None, cfg: MoEConfig) ->
     if not records:
         return out
     if cfg.plr_weight > 0:
-        preds = [r["plr_pred"] for r in records if "plr_pred" in r]
+        preds = [r.plr_pred for r in records if r.plr_pred is not None]
         if preds:
             if target_tokens is None:
                 raise ValueError("aux_losses: plr_weight > 0 needs target_tokens = model.patchify(target)")
             out["plr"] = cfg.plr_weight * sum(plr_loss(p, target_tokens) for p in preds)
     if cfg.rsl_weight > 0:
-        out["rsl"] = cfg.rsl_weight * sum(router_similarity_loss(r["logits"], r["mask"]) for r in records)
+        out["rsl"] = cfg.rsl_weight * sum(router_similarity_loss(r.logits, r.mask) for r in records)
     if cfg.balance_weight > 0:
-        out["balance"] = cfg.balance_weight * sum(balance_loss(r["logits"], r["mask"]) for r in records)
+        out["balance"] = cfg.balance_weight * sum(balance_loss(r.logits, r.mask) for r in records)
     return out

@@ -7,8 +7,8 @@
 - Experts per token per layer, and per layer and timestep bucket (10 equal buckets over
   [0, num_timesteps); the paper's Fig. 6), tau per layer.
 
-``RoutingStats`` accumulates ``ForwardAux`` records over many forwards (training steps or sampling) and
-returns a flat dict of scalars plus the heatmap; everything it keeps is a small CPU tensor.
+``RoutingStats`` accumulates the ``RoutingRecord``s of ``ForwardAux`` over many forwards (training steps or
+sampling) and returns a flat dict of scalars plus the heatmap; everything it keeps is a small CPU tensor.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ class RoutingStats:
     @torch.no_grad()
     def update(self, aux: ForwardAux) -> None:
         for r in aux.layers:
-            layer = int(r["layer"])
-            mask = r["mask"].detach()  # (B, L, E)
+            layer = r.layer
+            mask = r.mask.detach()  # (B, L, E)
             B, L, E = mask.shape
             Mf = mask.reshape(B * L, E).double()
             if layer not in self.counts:
@@ -93,15 +93,15 @@ class RoutingStats:
                 self.sample_count[layer] = torch.zeros(self.num_buckets, dtype=torch.float64)
             self.counts[layer] += Mf.sum(0).cpu()
             self.pairs[layer] += (Mf.T @ Mf).cpu()
-            per_sample = r["experts_per_sample"].detach().double().cpu()  # (B,)
+            per_sample = r.experts_per_sample.detach().double().cpu()  # (B,)
             if aux.t is not None:
                 buckets = timestep_buckets(aux.t.cpu(), self.num_timesteps, self.num_buckets)
             else:
                 buckets = torch.zeros(B, dtype=torch.long)
             self.expert_sum[layer].index_add_(0, buckets, per_sample)
             self.sample_count[layer].index_add_(0, buckets, torch.ones(B, dtype=torch.float64))
-            if r.get("tau") is not None:
-                self.tau[layer] = float(r["tau"])
+            if r.tau is not None:
+                self.tau[layer] = float(r.tau)
 
     @property
     def layers(self) -> list[int]:

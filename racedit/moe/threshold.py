@@ -14,19 +14,19 @@ When the EMA advances (decisions other parts must know):
   block (``torch.utils.checkpoint``, reentrant or not, re-runs the forward inside the backward pass; we
   detect that with ``torch._C._current_graph_task_id() != -1``). So tau advances once per forward of a
   (micro-)batch; with gradient accumulation it advances once per micro-batch.
-- T_K is the K-th largest score of the *global* batch when ``torch.distributed`` is initialised, K = k *
-  (global token count), found by a distributed radix select (``racedit.routing.distributed.radix_kth``:
-  4 all-reduces of a 256-bin histogram, about 8 KB per layer whatever the batch and world size; bit for bit
-  the value the all-gather reference ``gather_kth`` returns, a zero as +0.0). With ``moe.race_scope=local``
-  the routing itself stays local to each rank; with ``global`` the race cut is global too and the routing
-  already returns this T_K.
+- T_K is the K-th largest score of the *global* batch, K = k * (global token count): the expert race's
+  own K-th value (the strategy's ``k_for``, the same K the selection uses) on one process or with
+  ``moe.race_scope=global``; with ``race_scope=local`` under ``torch.distributed`` the routing stays local to
+  each rank and a distributed radix select finds T_K over every rank's scores
+  (``ExpertRace.threshold_kth`` -> ``racedit.routing.distributed.radix_kth``: 4 all-reduces of a 256-bin
+  histogram, about 8 KB per layer whatever the batch and world size; bit for bit the value the all-gather
+  reference ``gather_kth`` returns, a zero as +0.0).
 
 The EMA-of-weights model (``racedit.training.ema``) averages ``tau`` at its own decay, like its weights,
 so it routes with a threshold that matches its lagging router; an EMA model that has never seen a set
 threshold takes the live one at its first update (an average up from the placeholder 0 would route far
-too many experts). ``sync_thresholds`` copies threshold state between two models of the same
-architecture (e.g. to give a freshly built model a trained model's thresholds); the trainer does not
-call it.
+too many experts). Both buffers travel with the state dict, so ``load_state_dict`` gives a model another
+model's thresholds.
 """
 
 from __future__ import annotations
@@ -38,29 +38,6 @@ from torch import Tensor, nn
 def in_backward_recompute() -> bool:
     """True while autograd's engine runs (e.g. gradient checkpointing recomputes a forward)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of a flat tensor (scalar): the (n - k + 1)-th smallest, one selection pass."""
-    flat = values.reshape(-1)
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
-
-
-def global_kth(scores: Tensor, k_per_token: int, local_kth: Tensor | None = None) -> Tensor:
-    """T_K of the global batch: scores (T, E) local, detached; K = k * (sum of T over ranks).
-
-    On a single process this is the local T_K; ``local_kth`` (the routing's own K-th value, when the
-    selection already computed it) is then returned as is, with no second selection pass. Under a process
-    group: the distributed radix select (collective; every rank calls it once per layer forward).
-    """
-    from racedit.routing.distributed import is_distributed, radix_kth
-
-    scores = scores.detach()
-    if not is_distributed():
-        if local_kth is not None:
-            return local_kth.detach().float()
-        return kth_largest(scores.float(), k_per_token * scores.shape[0])
-    return radix_kth(scores, k_per_token)
 
 
 class Threshold(nn.Module):
@@ -84,23 +61,3 @@ class Threshold(nn.Module):
 
     def extra_repr(self) -> str:
         return f"decay={self.decay}"
-
-
-@torch.no_grad()
-def sync_thresholds(dst: nn.Module, src: nn.Module) -> int:
-    """Copy every ``Threshold`` state (tau, updates) of ``src`` into the same-named one of ``dst``.
-
-    For EMA-of-weights copies of a model: ``sync_thresholds(ema_model, model)``. Returns how many were copied.
-    """
-    src_thresholds = {name: m for name, m in src.named_modules() if isinstance(m, Threshold)}
-    copied = 0
-    for name, m in dst.named_modules():
-        if isinstance(m, Threshold):
-            if name not in src_thresholds:
-                raise ValueError(
-                    f"sync_thresholds: source model has no threshold {name!r}; same architecture?"
-                )
-            m.tau.copy_(src_thresholds[name].tau)
-            m.updates.copy_(src_thresholds[name].updates)
-            copied += 1
-    return copied

@@ -27,13 +27,12 @@ it is kept as the test oracle and the benchmark's baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-Ties = Literal["index", "all"]
+from racedit.kernels.reference import NAN_MESSAGE, Ties, check_ties
 
 BITS = 8  # digit width: 4 passes of 256 bins cover the 32-bit key
 PASSES = 32 // BITS
@@ -118,10 +117,7 @@ def radix_cut(
         if p == 0:
             nan_count, tokens = int(hist[nbins]), int(hist[nbins + 1])
             if nan_count:
-                raise ValueError(
-                    f"router scores contain NaN ({nan_count} over all processes); check the model for a "
-                    "diverged forward (loss, lr)"
-                )
+                raise ValueError(f"{NAN_MESSAGE} ({nan_count} NaN scores over all processes)")
             k_total = k_per_token * tokens
             if not 1 <= k_total <= tokens * scores.shape[1]:
                 raise ValueError(f"K = {k_total} is outside [1, {tokens * scores.shape[1]}] candidates")
@@ -146,8 +142,7 @@ def global_race_mask(
     """This process's part of the expert race over all processes: scores (T_r, E) -> (mask (T_r, E) bool,
     global K-th value (fp32 scalar)). Equal, bit for bit, to rank r's slice of the single-process race over
     ``torch.cat`` of every rank's scores (flat order rank-major). Collective."""
-    if ties not in ("index", "all"):
-        raise ValueError(f"ties must be 'index' or 'all', got {ties!r}")
+    check_ties(ties)
     cut = radix_cut(scores, k_per_token, group)
     keys = float_keys(scores)  # (T_r, E)
     above, equal = keys > cut.key, keys == cut.key
@@ -182,7 +177,7 @@ def gather_kth(scores: Tensor, k_per_token: int, group: dist.ProcessGroup | None
     process. The test oracle and the benchmark's baseline; a zero is returned as +0.0 like the radix path."""
     scores = scores.detach().float()
     if torch.isnan(scores).any():
-        raise ValueError("router scores contain NaN; check the model for a diverged forward (loss, lr)")
+        raise ValueError(NAN_MESSAGE)
     flat = scores.reshape(-1)
     tokens = scores.shape[0]
     if is_distributed():

@@ -8,12 +8,10 @@ k-th value (the literal ``s >= T_K`` reading), so a row may select more than k.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-Ties = Literal["index", "all"]
+from racedit.kernels.reference import NAN_MESSAGE, Ties, check_ties
 
 
 def topk_mask(values: Tensor, k: int, ties: Ties = "index") -> tuple[Tensor, Tensor]:
@@ -23,14 +21,13 @@ def topk_mask(values: Tensor, k: int, ties: Ties = "index") -> tuple[Tensor, Ten
     G, N = values.shape
     if not 1 <= k <= N:
         raise ValueError(f"k must be in [1, {N}] for {N} candidates, got {k}")
+    check_ties(ties)
     if torch.isnan(values).any():
-        raise ValueError("router scores contain NaN; check the model for a diverged forward (loss, lr)")
+        raise ValueError(NAN_MESSAGE)
     sorted_vals, order = torch.sort(values.detach(), dim=-1, descending=True, stable=True)
     kth = sorted_vals[:, k - 1]  # (G,)
     if ties == "all":
         return values.detach() >= kth[:, None], kth
-    if ties != "index":
-        raise ValueError(f"ties must be 'index' or 'all', got {ties!r}")
     mask = torch.zeros_like(values, dtype=torch.bool)
     mask.scatter_(1, order[:, :k], True)
     return mask, kth

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -66,7 +65,3 @@ def save_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
-
-
-def labels_tensor(labels: Sequence[int]) -> Tensor:
-    return torch.as_tensor(list(labels), dtype=torch.long)

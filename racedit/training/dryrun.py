@@ -500,13 +500,13 @@ class DryRun:
         labels = [c for c in self.cfg.sample.classes if 0 <= c < n] or list(range(min(8, n)))
         t0 = time.perf_counter()
         try:
-            images = first.sample_images(first.ema.model, labels, self.cfg.sample.seed)
+            images = first.preview.images(first.ema.model, labels, self.cfg.sample.seed)
         except Exception as err:  # noqa: BLE001 (a decode failure is what this step looks for)
             self.problem(f"sampling a grid failed: {type(err).__name__}: {err}")
             return
         from racedit.sampling import save_grid
 
-        path = save_grid(images, labels, first.caption_names(), tmp / "grid.png")
+        path = save_grid(images, labels, first.preview.caption_names(), tmp / "grid.png")
         self.report.grid = path
         self.say(
             f"{len(labels)} samples ({GRID_SAMPLER_STEPS} {first.cfg.sample.sampler or 'default'} steps, cfg "

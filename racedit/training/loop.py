@@ -14,6 +14,11 @@ Reads top to bottom (``Trainer.run``):
 6. at the end: a checkpoint, the EMA model exported with ``sampling.json`` (what ``sample.py`` reads), a
    final grid, the loss curve and, for the digits demo, the offline quality report.
 
+The loop only trains; what it calls lives beside what it belongs to: the sample grids and the samples of
+the time budget and the report in ``racedit/sampling/preview.py``, the export in
+``racedit/training/export.py``, the report in ``racedit/metrics/demo.py``, the time limits in
+``racedit/training/budget.py``, the resume rules in ``racedit/training/resume.py``.
+
 Determinism: model init draws from ``seed``; process ``r`` draws its diffusion noise from a private
 generator seeded ``seed + r`` and its label dropout from the global RNG seeded ``seed + r``; the data
 order comes from ``seed`` and the epoch (``BatchStream``). All of these are checkpointed, so on CPU a
@@ -34,19 +39,31 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 
 from racedit.config.core import ConfigError, to_dict
-from racedit.io import write_manifest
-from racedit.models import DiT, ForwardAux, ModelConfig, save_model
+from racedit.data import build_dataset
+from racedit.diffusion import build_objective
+from racedit.distributed import launched
+from racedit.interfaces import ForwardAux
+from racedit.metrics.demo import demo_report
+from racedit.models import DiT, ModelConfig
 from racedit.models.loading import model_kwargs
 from racedit.models.registry import ModelSection, model_name
+from racedit.moe import RoutingStats, aux_losses
 from racedit.progress import progress as progress_bar
-from racedit.progress import write as progress_write
+from racedit.progress import say
+from racedit.sampling.preview import Preview
 from racedit.training import checkpoint as ckpt
 from racedit.training import resume as resuming
+from racedit.training import sharded
+from racedit.training.budget import RunBudget, Tail, sampling_batches, time_sampling_batch
 from racedit.training.config import RunConfig
 from racedit.training.data import BatchStream
 from racedit.training.ema import EMA
+from racedit.training.export import export_model
 from racedit.training.logging import (
     JsonlWriter,
     ScalarWindow,
@@ -55,6 +72,8 @@ from racedit.training.logging import (
     read_jsonl,
     trim_after,
 )
+from racedit.training.optim import build_adamw, keep_impl
+from racedit.vae import VAEError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,6 +81,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 ResumeError = resuming.ResumeError  # re-exported: a run cannot start or resume as asked
+PROG = "racedit-train"  # the prefix of the trainer's messages
 FRESH_START = (None, "", "none", "never")  # values of --resume that mean "start from step 0"
 
 
@@ -126,31 +146,57 @@ class Trainer:
         self.lineage: set[str | None] = set()  # other ids whose checkpoints count as this run's (rotation)
         self.out = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        # Built by setup() (a subclass or a test may set up without running):
+        self.accelerator: Accelerator | None = None
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cpu")
+        self.dist: ckpt.Distributed | None = None
+        self.micro_batch = 0
+        self.dataset: Any = None
+        self.model_cfg: ModelConfig | None = None
+        self.objective: Any = None
+        self.preview: Preview | None = None  # sample grids, the budget's cost probe, the demo report
+        self.ema: EMA | None = None
+        self.fsdp = cfg.train.distributed == "fsdp"
+        self.optimizer_impl: str | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.stream: BatchStream | None = None
+        self.noise: torch.Generator | None = None  # this process's diffusion noise
+        self.model: torch.nn.Module | None = None  # as prepared by Accelerate (DDP / compiled)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.raw_model: DiT | None = None
+        self.routing: RoutingStats | None = None  # MoE models: routing statistics per layer x timestep
+        self.resumed_from: Path | None = None
+        # The run's progress (checkpointed, or restored on resume):
+        self.step = 0
+        self.skipped = 0
+        self.consecutive_skips = 0
+        self.last_checkpoint: Path | None = None
+        # Built by run():
+        self.metrics: JsonlWriter | None = None
+        self.rank_log: JsonlWriter | None = None
+        self.budget: RunBudget | None = None
+        self.stopped_early: str | None = None  # why training ended before train.max_steps, or None
 
     # ------------------------------------------------------------------ setup
 
     def log(self, message: str) -> None:
-        """A message from the main process (tqdm-safe)."""
+        """A message from the main process, on stderr (tqdm-safe)."""
         if self.accelerator.is_main_process:
-            progress_write(f"[racedit-train] {message}")
+            say(PROG, message)
 
     def setup(self) -> None:
         cfg, tc = self.cfg, self.cfg.train
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
         trackers = [t for t in self.cfg.log.trackers if t]
         for t in trackers:
             if t not in ("tensorboard", "wandb"):
                 raise ConfigError(f"log.trackers: unknown tracker {t!r}; use tensorboard and/or wandb")
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if not launched():
             # Accelerate's state is a process-wide singleton: let one process run several trainers in turn
             # (tests, ablation sweeps) with different precision settings.
-            from accelerate.state import AcceleratorState
-
             AcceleratorState._reset_state()
         # Accelerate only forms a CPU process group (gloo) under torchrun when told cpu=True.
-        cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu_ddp = not torch.cuda.is_available() and launched()
         self.accelerator = Accelerator(
             cpu=cpu_ddp,
             mixed_precision=tc.mixed_precision,
@@ -193,13 +239,12 @@ class Trainer:
             )
         self.micro_batch = per_step // tc.grad_accum
 
-        from racedit.data import build_dataset
-
         self.dataset = build_dataset(cfg.data, split="train")
-        from racedit.diffusion import build_objective
-
         self.model_cfg = resolve_run_model(cfg.model, self.dataset, cfg.diffusion.objective)
         self.objective = build_objective(cfg.diffusion, learn_sigma=self.model_cfg.learn_sigma)
+        self.preview = Preview(
+            cfg.sample, self.objective, self.dataset, self.model_cfg.num_classes, self.device
+        )
 
         # 2. model, EMA, optimizer, schedule, data (same init on every process)
         torch.manual_seed(tc.seed)
@@ -207,17 +252,12 @@ class Trainer:
         if tc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-        self.fsdp = tc.distributed == "fsdp"
         if self.fsdp:  # shard model and EMA (FSDP2 per block) before the optimizer sees the parameters
-            from racedit.training import sharded
-
             reason = sharded.check_config(tc.mixed_precision)
             if reason:
                 raise ConfigError(reason)
             sharded.shard(model, self.device)
             sharded.shard(self.ema.model, self.device)
-        from racedit.training.optim import build_adamw
-
         optimizer, self.optimizer_impl = build_adamw(
             model.optimizer_param_groups(tc.weight_decay),
             lr=tc.lr,
@@ -244,15 +284,12 @@ class Trainer:
         np.random.seed(tc.seed + self.rank)  # noqa: NPY002 (seed the legacy global RNG others use)
         random.seed(tc.seed + self.rank)
         self.noise = torch.Generator(device=self.device).manual_seed(tc.seed + self.rank)
-        self.step = 0
-        self.skipped = 0
 
         # 3. resume (before Accelerate wraps anything)
         self.resumed_from = self.resume(model, optimizer)
+        self.last_checkpoint = self.resumed_from
 
         if self.fsdp:
-            from racedit.training import sharded
-
             sharded.autocast_forward(model, tc.mixed_precision, self.device)
         if tc.compile:
             model = torch.compile(model)
@@ -262,13 +299,9 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model: DiT = acc.unwrap_model(self.model)
         if self.raw_model.arch.moe is not None:
-            from racedit.moe import RoutingStats
-
             dc = cfg.diffusion  # the model's time axis: DDPM steps, or flow time x time_scale
             span = dc.num_timesteps if dc.objective == "ddpm" else dc.time_scale
             self.routing = RoutingStats(num_timesteps=int(span))
-        else:
-            self.routing = None
         counts = self.raw_model.param_counts()
         self.log(
             f"model: {model_name(self.model_cfg)} ({counts['block_params_total'] / 1e6:.2f}M block params, "
@@ -283,10 +316,8 @@ class Trainer:
         configured = resuming.optimizer_hyperparameters(optimizer)  # this run's, before any load
 
         def try_load(path: Path) -> tuple[ckpt.LoadedCheckpoint, list[str]]:
-            from racedit.training.sharded import is_sharded
-
-            if is_sharded(path) != self.fsdp:
-                written = "fsdp" if is_sharded(path) else "ddp"
+            if sharded.is_sharded(path) != self.fsdp:
+                written = "fsdp" if sharded.is_sharded(path) else "ddp"
                 raise ResumeError(
                     f"{path} was written with train.distributed={written}; resume it with "
                     f"train.distributed={written}"
@@ -319,15 +350,11 @@ class Trainer:
             return None
         loaded, path = found.loaded, found.path
         if self.fsdp:  # DCP reshards: the checkpoint may come from any number of processes
-            from racedit.training import sharded
-
             sharded.load(path, model, optimizer, self.ema.model)
         else:
             model.load_state_dict(loaded.model, strict=True)
             self.ema.load_state_dict(loaded.ema)
             optimizer.load_state_dict(loaded.optimizer)
-        from racedit.training.optim import keep_impl
-
         keep_impl(optimizer, self.optimizer_impl)
         self.scheduler.load_state_dict(loaded.scheduler)
         resuming.reapply_hyperparameters(optimizer, self.scheduler, configured)
@@ -359,8 +386,6 @@ class Trainer:
         terms = {"loss_diffusion": out.loss.detach(), **{k: v.detach() for k, v in out.terms.items()}}
         total = out.loss
         if aux is not None:
-            from racedit.moe import aux_losses
-
             aux_terms = aux_losses(aux, self.raw_model.patchify(out.target), self.raw_model.arch.moe)
             for name, value in aux_terms.items():
                 total = total + value
@@ -385,9 +410,7 @@ class Trainer:
             # grad_accum x the gradient communication. FSDP skips the reduction until the last micro-batch.
             sync = contextlib.nullcontext()
             if self.fsdp:
-                from racedit.training.sharded import gradient_sync
-
-                sync = gradient_sync(self.raw_model, enabled=last)
+                sync = sharded.gradient_sync(self.raw_model, enabled=last)
             with sync:
                 loss, terms = self.compute_loss(x, y)
                 acc.backward(loss / tc.grad_accum)
@@ -405,9 +428,7 @@ class Trainer:
         # The global gradient norm (after DDP's all-reduce): the same on every process.
         clip = tc.max_grad_norm if tc.max_grad_norm is not None else float("inf")
         if self.fsdp:
-            from racedit.training.sharded import clip_grad_norm_
-
-            grad_norm = clip_grad_norm_(self.model.parameters(), clip)
+            grad_norm = sharded.clip_grad_norm_(self.model.parameters(), clip)
         else:
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
         scalars["grad_norm"] = float(grad_norm)
@@ -454,7 +475,6 @@ class Trainer:
         )
         write_shards = None
         if self.fsdp:
-            from racedit.training import sharded
 
             def write_shards(tmp: Path) -> None:
                 sharded.save(tmp, self.raw_model, optimizer, self.ema.model)
@@ -478,90 +498,21 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
-    def class_names(self) -> list[str] | None:
-        names = getattr(self.dataset, "class_names", None)
-        return list(names) if names is not None else None
-
-    def caption_names(self) -> list[str] | None:
-        """Names for grid captions; None when a name is just the label (digits), so tiles read "3", not "3 3"."""
-        names = self.class_names()
-        return None if names is None or names == [str(i) for i in range(len(names))] else names
-
-    def decoder(self):
-        """Model space -> images in [-1, 1]: identity for pixel data, the VAE for latents (None if absent)."""
-        if getattr(self.dataset, "space", "pixel") == "pixel":
-            return None
-        if not hasattr(self, "_decode"):
-            from racedit.sampling.vae import load_vae, vae_decoder
-
-            meta = getattr(self.dataset, "meta", {}) or {}
-            vae = load_vae(meta.get("vae", "stabilityai/sd-vae-ft-ema"), device=self.device)
-            self._decode = vae_decoder(vae, float(meta.get("scaling_factor", 0.18215)))
-        return self._decode
-
-    def sample_images(
-        self, model: torch.nn.Module, labels: list[int], seed: int, steps: int | None = None
-    ) -> torch.Tensor:
-        """uint8 (N, H, W, 3) samples of ``labels`` with fixed per-sample seeds (training RNG untouched);
-        ``steps`` overrides ``sample.steps`` (the time budget's cost probe)."""
-        from racedit.sampling import generate
-
-        sc = self.cfg.sample
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return generate(
-                model,
-                labels,
-                objective=self.objective,
-                sampler=sc.sampler or self.objective.samplers[0],
-                steps=steps or sc.steps,
-                cfg_scale=sc.cfg_scale,
-                guidance_halves=sc.cfg_halves,
-                seed=seed,
-                decode=self.decoder(),
-                batch_size=sc.batch_size,
-            )
-
-    def grid_labels(self) -> list[int]:
-        sc = self.cfg.sample
-        n = self.model_cfg.num_classes
-        bad = [c for c in sc.classes if not 0 <= c < n]
-        if bad:
-            raise ConfigError(f"sample.classes {bad} are not classes of this dataset (0..{n - 1})")
-        return [c for c in sc.classes for _ in range(sc.per_class)]
-
     def sampling_model(self) -> torch.nn.Module | None:
         """The EMA model with full weights on the main process. FSDP: gathered from the shards (a collective
         every process calls; None on the others)."""
         if not self.fsdp:
             return self.ema.model
-        from racedit.training.sharded import full_model
-
-        return full_model(self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)).to(self.device))
+        return sharded.full_model(self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)).to(self.device))
 
     def write_grid(self, name: str, model: torch.nn.Module | None = None) -> Path | None:
-        """A labelled grid from the EMA model (main process); skipped with a note if the VAE is unavailable.
-        Every process calls it (FSDP gathers the EMA model), unless ``model`` is given."""
+        """A labelled grid ``samples/<name>.png`` from the EMA model (main process); None when the VAE is
+        unavailable. Every process calls it (FSDP gathers the EMA model), unless ``model`` is given."""
         if model is None:
             model = self.sampling_model()
         if not self.accelerator.is_main_process:
             return None
-        from racedit.sampling import save_grid
-
-        labels = self.grid_labels()
-        try:
-            images = self.sample_images(model, labels, self.cfg.sample.seed)
-        except Exception as err:  # e.g. VAE weights missing offline: training goes on
-            from racedit.sampling.vae import VAEError
-
-            if not isinstance(err, VAEError):
-                raise
-            self.log(f"sample grid skipped: {err}")
-            return None
-        nrow = self.cfg.sample.per_class if self.cfg.sample.per_class > 1 else None  # one row per class
-        return save_grid(
-            images, labels, self.caption_names(), self.out / "samples" / f"{name}.png", nrow=nrow
-        )
+        return self.preview.write_grid(model, self.out / "samples" / f"{name}.png", log=self.log)
 
     def log_routing(self) -> dict[str, float]:
         if self.routing is None or not self.routing.layers:
@@ -582,8 +533,6 @@ class Trainer:
         cfg, tc, lc = self.cfg, self.cfg.train, self.cfg.log
         acc = self.accelerator
         main = acc.is_main_process
-        self.last_checkpoint = self.resumed_from
-        self.consecutive_skips = 0
         metrics_path = self.out / "logs" / "metrics.jsonl"
         if main and self.step == 0 and metrics_path.exists():
             metrics_path.unlink()
@@ -602,7 +551,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.budget = self.make_budget()
-        self.stopped_early: str | None = None
         t_window, steps_window = time.perf_counter(), 0
         last_scalars: dict[str, float] = {}
         self.budget.start_training()
@@ -630,7 +578,10 @@ class Trainer:
                     acc.log(logged, step=step)
                     self.metrics.write({"step": step, **logged})
                     if "loss" in logged:
-                        bar.set_postfix(loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_s']:.0f}")
+                        # refresh=False: the bar redraws on its own schedule (rarely off a terminal)
+                        bar.set_postfix(
+                            loss=f"{logged['loss']:.4f}", img_s=f"{logged['images_per_s']:.0f}", refresh=False
+                        )
                     last_scalars = logged
                     t_window, steps_window = time.perf_counter(), 0
                 if cfg.sample.every and step % cfg.sample.every == 0 and step < tc.max_steps:
@@ -650,29 +601,25 @@ class Trainer:
                 tracker.finish()
         return result
 
-    def make_budget(self):
+    def make_budget(self) -> RunBudget:
         """The run's time limits; with ``train.time_budget_minutes`` the main process measures what the
         final sampling will cost (``racedit.training.budget``) before the first step."""
-        from racedit.training.budget import RunBudget, Tail, sampling_batches, time_sampling_batch
-
         tc, sc = self.cfg.train, self.cfg.sample
         budget = RunBudget(tc.time_budget_minutes, tc.time_limit_minutes)
         if budget.deadline is None or not self.accelerator.is_main_process:
             return budget
         num_classes = self.model_cfg.num_classes
         counts = [
-            len(self.grid_labels()) if sc.final_grid else 0,
-            sc.report_per_class * num_classes,  # Trainer.quality_report
+            len(self.preview.grid_labels()) if sc.final_grid else 0,
+            sc.report_per_class * num_classes,  # the demo report (Trainer.finish)
         ]
         batches = sampling_batches(counts, sc.batch_size)
         labels = [i % num_classes for i in range(min(sc.batch_size, max(counts)))]
         seconds = 0.0
         if batches:
-            from racedit.sampling.vae import VAEError
-
             try:
                 seconds = time_sampling_batch(
-                    lambda k: self.sample_images(self.ema.model, labels, sc.seed, steps=k), sc.steps
+                    lambda k: self.preview.images(self.ema.model, labels, sc.seed, steps=k), sc.steps
                 )
             except VAEError:  # latents without the VAE: the final grid is skipped too
                 batches = 0
@@ -698,26 +645,9 @@ class Trainer:
         export_dir, report = None, {}
         ema_model = self.sampling_model()  # FSDP: gathered here, on every process
         if acc.is_main_process:
-            export_dir = save_model(ema_model, self.out / "final")
-            from racedit.sampling import write_sampling_meta
-            from racedit.vae import DEFAULT_SCALING, DEFAULT_VAE
-
-            meta = getattr(self.dataset, "meta", {}) or {}
-            space = getattr(self.dataset, "space", "pixel")
-            write_sampling_meta(
-                export_dir,
-                space=space,
-                vae=meta.get("vae", DEFAULT_VAE) if space == "latent" else None,
-                vae_subfolder=meta.get("vae_subfolder") if space == "latent" else None,
-                scaling_factor=float(meta.get("scaling_factor", DEFAULT_SCALING)),
-                shift_factor=meta.get("shift_factor") if space == "latent" else None,
-                diffusion=to_dict(self.cfg.diffusion),
-                class_names=self.class_names(),
-                image_size=int(
-                    meta.get("image_size", self.model_cfg.input_size * (8 if space == "latent" else 1))
-                ),
+            export_dir = export_model(
+                ema_model, self.out / "final", self.dataset, self.cfg.diffusion, self.model_cfg
             )
-            write_manifest(export_dir)  # racedit.load_model checks the export against it
             self.log(f"exported the EMA model to {export_dir} (racedit-sample / sample.py reads it)")
             if self.cfg.sample.final_grid:
                 grid = self.write_grid("final", ema_model)
@@ -730,7 +660,15 @@ class Trainer:
                 if curve is not None:
                     self.log(f"loss curve: {curve}")
             if self.cfg.sample.report_per_class > 0:
-                report = self.quality_report(ema_model)
+                report = demo_report(
+                    self.cfg.data,
+                    lambda labels, seed: self.preview.images(ema_model, labels, seed),
+                    per_class=self.cfg.sample.report_per_class,
+                    seed=self.cfg.sample.seed + 10_000,
+                    out_dir=self.out / "report",
+                    log=self.log,
+                    training=self.training_summary(),
+                )
         acc.wait_for_everyone()
         return TrainResult(
             step=self.step,
@@ -743,31 +681,16 @@ class Trainer:
             stopped_early=self.stopped_early,
         )
 
-    def quality_report(self, ema_model: torch.nn.Module) -> dict[str, Any]:
-        """The offline demo metrics (``racedit.metrics.demo``) on samples of every class from the EMA model."""
-        from racedit.metrics.demo import demo_report
-
-        def sample_fn(labels: list[int], seed: int) -> torch.Tensor:
-            return self.sample_images(ema_model, labels, seed)
-
+    def training_summary(self) -> dict[str, Any]:
+        """How the training went, for the demo report: steps done and why it stopped."""
         tc = self.cfg.train
-        training = {
+        return {
             "steps": self.step,
             "max_steps": tc.max_steps,
             "stopped_early": self.stopped_early,
             "time_budget_minutes": tc.time_budget_minutes,
             "process_started_at": self.budget.start,
         }
-        report = demo_report(
-            self.cfg.data,
-            sample_fn,
-            per_class=self.cfg.sample.report_per_class,
-            seed=self.cfg.sample.seed + 10_000,
-            out_dir=self.out / "report",
-            log=self.log,
-            training=training,
-        )
-        return report
 
 
 def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> TrainResult:

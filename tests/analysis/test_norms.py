@@ -11,7 +11,6 @@ import torch
 import racedit
 from racedit.analysis.norms import QUANTITIES, layer_norms, noisy_input
 from racedit.cli.analyze import main
-from racedit.cli.common import run
 from racedit.diffusion import DiffusionConfig, build_objective
 from racedit.sampling import write_sampling_meta
 
@@ -79,7 +78,7 @@ def test_command_writes_csv_and_plot(tmp_path, capsys):
     write_sampling_meta(model_dir, space="pixel", vae=None, diffusion={"objective": "flow"}, image_size=8)
     out = tmp_path / "analysis"
     args = ["norms", "--ckpt", str(model_dir), "--data", "digits", "--num-samples", "6", "--levels", "3",
-            "--out-dir", str(out)]  # fmt: skip
+            "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     rows = list(csv.DictReader((out / "norms.csv").open()))
     assert len(rows) == 3 * 3 * 3  # quantities x levels x blocks
@@ -88,5 +87,5 @@ def test_command_writes_csv_and_plot(tmp_path, capsys):
     assert all(float(r["mean"]) > 0 for r in rows)
     assert (out / "norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # no data named anywhere: one line, exit code 2
-    assert run(main, "racedit-analyze", ["norms", "--ckpt", str(model_dir)]) == 2
+    assert main(["norms", "--ckpt", str(model_dir)]) == 2
     assert "--data digits" in capsys.readouterr().err

@@ -72,11 +72,35 @@ def test_fc_matmul_path(rate: int, dynamic: bool) -> None:
 
 
 @pytest.mark.parametrize("rate", [2, 4])
-def test_mhc_fast_sinkhorn_and_recomputed_coefficients(rate: int) -> None:
+def test_mhc_fast_path_matches_the_reference_in_float32(rate: int) -> None:
     conn = ManifoldHyperConnection(D, rate, index=1, sinkhorn_iters=20)
     # float32 (Sinkhorn always runs in float32): 40 normalisations, each a relative rounding of ~6e-8,
     # accumulate to ~2.4e-6 relative in either path; gradients pass back through the same 40 steps.
     _check(conn, torch.randn(B, L, rate, D), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rate", [2, 4])
+def test_mhc_fast_path_matches_the_reference_in_float64(rate: int) -> None:
+    """The whole fast path (fused read + RMS-projection node, Sinkhorn's hand-written backward, batched write)
+    against autograd through the plain formulas, in float64, so that any error in a hand-written derivative
+    shows far above rounding."""
+    conn = ManifoldHyperConnection(D, rate, index=1, sinkhorn_iters=20).double()
+    # Both paths run in float64: 40 normalisations of ~1e-16 each, and the log domain against the scaling
+    # vectors, differ by ~1e-14; a wrong term in a derivative would be O(1e-2) at these random weights.
+    _check(conn, torch.randn(B, L, rate, D, dtype=torch.float64), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 7])
+def test_sinkhorn_backward_is_the_unrolled_derivative_for_any_iteration_count(iters: int) -> None:
+    """float64, where the log-domain reference under autograd is exact to ~1e-15: the hand-written reverse pass
+    (first and last iteration are special cases in it) equals autograd's derivative of the same iterations."""
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(5, 3, 3, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    cotangent = torch.randn(5, 3, 3, generator=g, dtype=torch.float64)
+    (gf,) = torch.autograd.grad((sinkhorn_fast(logits, iters) * cotangent).sum(), logits)
+    (gr,) = torch.autograd.grad((sinkhorn(logits, iters) * cotangent).sum(), logits)
+    torch.testing.assert_close(sinkhorn_fast(logits, iters), sinkhorn(logits, iters), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("spread", [1.0, 5.0, 100.0])
@@ -91,6 +115,7 @@ def test_sinkhorn_fast_matches_the_log_domain_reference(spread: float) -> None:
     ref = sinkhorn(logits, 20)
     (gr,) = torch.autograd.grad((ref * cotangent).sum(), logits)
     assert fast.dtype == torch.float32 and torch.isfinite(gf).all()
+    assert fast.is_contiguous()  # a token-strided result would send the mix's bmm down its per-matrix loop
     # the float32 reference rounds each of its 40 normalisations (~6e-8 relative): ~2.4e-6 relative after
     # 40, against the fast path's float64; gradients go back through the same 40 steps
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)

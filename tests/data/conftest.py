@@ -21,7 +21,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def extracted(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tiny_vae: Path) -> Path:
     """One uninterrupted single-process extraction of ``image_folder`` (the reference for other tests)."""
-    from racedit.data.extract import main
+    from racedit.cli.extract import main
 
     out = tmp_path_factory.mktemp("latents") / "ref"
     assert main(extract_args(image_folder, out, tiny_vae)) == 0

@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from racedit.data.extract import main, verify
+from racedit.cli.extract import main
+from racedit.data.extract import verify
 from racedit.data.format import read_json, shard_name, write_safetensors
 from racedit.data.imagefolder import adm_center_crop, list_image_folder, load_image
 from racedit.vae import VAEError, load_vae
@@ -177,7 +178,7 @@ def test_sigkill_then_rerun_gives_identical_shards(extracted, image_folder, tiny
     from racedit.data.latents import LatentDataset
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "racedit.data.extract", *extract_args(image_folder, out, tiny_vae)]
+    cmd = [sys.executable, "-m", "racedit.data", *extract_args(image_folder, out, tiny_vae)]
     proc = subprocess.Popen(
         [*cmd, "--throttle", "0.4"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -220,7 +221,7 @@ def test_two_process_torchrun_covers_every_image_once(extracted, image_folder, t
         "--nproc_per_node",
         "2",
         "-m",
-        "racedit.data.extract",
+        "racedit.cli.extract",
         *extract_args(image_folder, out, tiny_vae),
     ]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)

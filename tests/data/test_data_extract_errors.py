@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from data_helpers import extract_args
 
-from racedit.data.extract import main, verify
+from racedit.cli.extract import main
+from racedit.data.extract import verify
 from racedit.data.format import SafetensorsHeader, shard_name
 
 

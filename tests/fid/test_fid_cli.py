@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fid.__main__ import build_parser, main
+from racedit.cli.fid import build_parser, main
 
 
 def _subparsers():
@@ -36,7 +36,7 @@ def test_missing_weights_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 def test_leaderboard_command_and_module_entry(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "fid", "leaderboard", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "fid", "leaderboard", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,

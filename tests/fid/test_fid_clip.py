@@ -167,8 +167,8 @@ def test_clip_score_hand_computed_and_per_label_prompts(tiny_clip):
 def test_eval_cli_cmmd_and_clip_score_records_and_leaderboard(
     tmp_path, tiny_clip_dir, tiny_images, random_inception, capsys
 ):
-    from fid.__main__ import main
     from fid.leaderboard import record_row
+    from racedit.cli.fid import main
 
     cache = tmp_path / "cache"
     ref = tmp_path / "ref.npz"
@@ -180,10 +180,10 @@ def test_eval_cli_cmmd_and_clip_score_records_and_leaderboard(
     np.savez(samples, arr_0=tiny_images["samples"], arr_1=labels)
     names = tmp_path / "names.txt"
     names.write_text("tench\ngoldfish\ngreat white shark\n")
-    out = tmp_path / "rec.fid.json"
+    out = tmp_path / "evals" / f"fid-{ref.stem}.fid.json"  # --out DIR: the record has a fixed name
     args = ["eval", str(samples), "--ref", str(ref), "--random-inception", "0", "--cmmd", "--clip-score",
             "--clip-weights", str(tiny_clip_dir), "--clip-class-names", str(names), "--cache-dir", str(cache),
-            "--no-progress", "--is-split-size", "3", "--out", str(out)]  # fmt: skip
+            "--no-progress", "--is-split-size", "3", "--out", str(out.parent)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "CMMD" in printed.out and "CLIP score" in printed.out and "not CLIP ViT-L/14@336px" in printed.err
@@ -211,7 +211,7 @@ def test_eval_cli_cmmd_and_clip_score_records_and_leaderboard(
 
 
 def test_eval_cli_clip_errors_are_one_line(tmp_path, tiny_images, monkeypatch, capsys):
-    from fid.__main__ import main
+    from racedit.cli.fid import main
 
     monkeypatch.delenv("RACEDIT_CLIP_WEIGHTS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fid.__main__ import main
+from racedit.cli.fid import main
 
 
 def _npz(path, arr):
@@ -46,7 +46,7 @@ def test_bad_samples_and_reference_files_are_named(tmp_path, good_npz, capsys):
     _fails_in_one_line(["eval", str(good_npz), "--ref", str(tmp_path), *run], capsys, "racedit-fid ref")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _fails_in_one_line(["ref", str(empty), "--out", str(tmp_path / "r.npz"), *run], capsys, str(empty))
+    _fails_in_one_line(["ref", str(empty), "--npz", str(tmp_path / "r.npz"), *run], capsys, str(empty))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_eval_numeric_flags_are_checked_when_parsed(flags, good_npz, capsys):
 def test_ref_numeric_flags_are_checked_when_parsed(good_npz, tmp_path, capsys):
     for flags in (["--num-ref-images", "0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit) as exc:
-            main(["ref", str(good_npz), "--out", str(tmp_path / "r.npz"), *flags])
+            main(["ref", str(good_npz), "--npz", str(tmp_path / "r.npz"), *flags])
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 2 and len(err.splitlines()) == 1 and flags[0] in err
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fid.__main__ import main
 from fid.data import NpzImages, open_images
 from fid.evaluate import evaluate
 from fid.features import extract_features
 from fid.leaderboard import gather_rows, write_leaderboard
 from fid.reference import build_reference, load_reference
+from racedit.cli.fid import main
 
 
 def test_spatial_features_are_mixed_6d_1x1_branch_in_tf_layout(random_inception, tiny_images):
@@ -99,9 +99,9 @@ def test_pipeline_deterministic_every_metric_cache_and_records(
 
     # second evaluation of the same content, through the command line (a bare .npz this time): features
     # come from the cache, numbers are identical
-    out = tmp_path / "b.fid.json"
+    out = tmp_path / "evals" / f"fid-{ref_npz.stem}.fid.json"  # --out DIR: the record has a fixed name
     argv = ["eval", str(run / "samples.npz"), "--ref", str(ref_npz), "--random-inception", "0", "--cache-dir",
-            str(cache), "--no-progress", "--is-split-size", "3", "--pr-chunk", "4", "--out", str(out)]  # fmt: skip
+            str(cache), "--no-progress", "--is-split-size", "3", "--pr-chunk", "4", "--out", str(out.parent)]  # fmt: skip
     assert main(argv) == 0
     assert f"{result.fid:.4f}" in capsys.readouterr().out
     record2 = json.loads(out.read_text())

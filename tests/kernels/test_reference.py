@@ -171,5 +171,5 @@ def test_dispatch_routes_cpu_to_reference_and_refuses_triton_without_interpreter
     assert not dispatch.use_triton(s, "auto")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dispatch.race_plan(s, k_total=10, impl="triton")
-    with pytest.raises(ValueError, match="impl must be"):
+    with pytest.raises(ValueError, match="routing impl must be"):
         dispatch.race_plan(s, k_total=10, impl="cuda")  # type: ignore[arg-type]

@@ -272,7 +272,7 @@ def test_sample_cli_draws_a_grid_from_a_pipeline_folder(tmp_path, monkeypatch):
     pipe.save_pretrained(tmp_path / "pipe")
     out = tmp_path / "grid.png"
     args = ["--ckpt", str(tmp_path / "pipe"), "--classes", "3", "7", "--num-per-class", "2", "--steps", "3"]
-    assert main([*args, "--sampler", "ddim", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert main([*args, "--sampler", "ddim", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
     from PIL import Image
 
     assert Image.open(out).size[0] > 2 * 16

@@ -264,7 +264,7 @@ def test_zoo_reproduces_the_dit_paper_numbers():
 
 
 def test_zoo_json_has_the_documented_keys(capsys):
-    from racedit.models.__main__ import main
+    from racedit.cli.models import main
 
     assert main(["--json", "--filter", "^DiT-S/8$"]) == 0
     import json

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from racedit.interfaces import ForwardAux
 from racedit.kernels import dispatch
 from racedit.models.loading import build_model
-from racedit.moe import MoEConfig, MoEFeedForward, aux_losses, sync_thresholds
+from racedit.moe import MoEConfig, MoEFeedForward, aux_losses
 from racedit.routing import select
 
 TINY = dict(input_size=8, num_classes=10, hidden_size=64, depth=2, num_heads=2)
@@ -86,7 +86,7 @@ def test_gates_are_gated_scores(gating):
     x = torch.randn(10, 8)
     logits = layer.router(x)[1]
     g = {"identity": logits, "sigmoid": torch.sigmoid(logits), "softmax": torch.softmax(logits, -1)}[gating]
-    plan, _ = layer.route(g.view(1, 10, 4))
+    plan = layer.route(g.view(1, 10, 4))
     assert torch.allclose(plan.sorted_gate, g[plan.sorted_token, plan.sorted_expert])
     assert torch.equal(plan.mask(), select(g.detach().view(1, 10, 4), "token", 2).view(10, 4))
 
@@ -119,17 +119,23 @@ def test_aux_records_and_eval_has_no_plr():
     aux = ForwardAux()
     model.train()
     model(x, t, y, aux)
-    assert [r["layer"] for r in aux.layers] == [0, 1]
+    assert [r.layer for r in aux.layers] == [0, 1]
     r = aux.layers[0]
-    assert r["mask"].shape == (3, 16, 8) and r["plr_pred"].shape == (3, 16, 16)
-    assert int(r["counts"].sum()) == 3 * 16 * 2
-    assert torch.allclose(r["experts_per_sample"].mean(), torch.tensor(2.0))
+    assert r.mask.shape == (3, 16, 8) and r.plr_pred.shape == (3, 16, 16) and r.logits.shape == (48, 8)
+    assert int(r.mask.sum()) == 3 * 16 * 2
+    assert torch.allclose(r.experts_per_sample.mean(), torch.tensor(2.0))
+    assert r.tau == model.blocks[0].mlp.threshold.tau  # a copy of the threshold after this forward
     assert torch.equal(aux.t, t)
     model.eval()
     aux = ForwardAux()
     with torch.no_grad():
         model(x, t, y, aux)
-    assert all("plr_pred" not in r for r in aux.layers) and all(r["thresholded"] for r in aux.layers)
+    assert all(r.plr_pred is None for r in aux.layers)
+    assert all(b.mlp.eval_uses_threshold() for b in model.blocks)  # eval routes score >= tau
+    token = tiny_model(router="token")
+    aux = ForwardAux()
+    token(x, t, y, aux)
+    assert all(r.tau is None for r in aux.layers)  # only the expert race has a threshold
 
 
 def test_accounting_flops_inactive_training_only():
@@ -179,7 +185,7 @@ def test_every_baseline_runs_in_the_model(router, gating):
     assert model.blocks[1].mlp.w1.grad is not None
 
 
-def test_threshold_is_persistent_and_synced():
+def test_threshold_is_persistent_state():
     model = tiny_model()
     x, t, y = batch()
     model.train()
@@ -188,7 +194,7 @@ def test_threshold_is_persistent_and_synced():
     assert "blocks.0.mlp.threshold.tau" in sd and int(sd["blocks.0.mlp.threshold.updates"]) == 1
     other = tiny_model()
     assert int(other.blocks[0].mlp.threshold.updates) == 0
-    assert sync_thresholds(other, model) == 2
+    other.load_state_dict(sd)
     assert other.blocks[1].mlp.threshold.tau == model.blocks[1].mlp.threshold.tau
     assert int(other.blocks[1].mlp.threshold.updates) == 1
 
@@ -222,4 +228,24 @@ def test_every_nth_block_is_moe():
     assert [type(b.mlp).__name__ for b in model.blocks] == ["Mlp", "MoEFeedForward"]
     aux = ForwardAux()
     model(*batch(B=2), aux)
-    assert [r["layer"] for r in aux.layers] == [1]
+    assert [r.layer for r in aux.layers] == [1]
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "grouped_mm"])
+def test_layer_strategy_is_bound_from_the_config(impl):
+    """The layer's strategy carries the config's k, ties, scope and routing kernels; impl="grouped_mm"
+    (torch._grouped_mm expert GEMMs, no routing kernel) routes with "auto", the others with themselves."""
+    cfg = MoEConfig(num_experts=4, k=2, ties="all", race_scope="global", impl=impl)
+    strategy = MoEFeedForward(8, 32, cfg, 0, 4).strategy
+    assert (strategy.name, strategy.k, strategy.ties, strategy.scope) == ("race", 2, "all", "global")
+    assert strategy.impl == ("auto" if impl == "grouped_mm" else impl) == cfg.routing_impl
+
+
+def test_config_routers_are_the_routing_strategies():
+    """MoEConfig.router's choices and the routing registry name the same strategies."""
+    from typing import get_args
+
+    from racedit.moe.config import Router
+    from racedit.routing import STRATEGIES
+
+    assert set(get_args(Router)) == set(STRATEGIES)

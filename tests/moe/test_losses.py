@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from racedit.interfaces import ForwardAux
+from racedit.interfaces import ForwardAux, RoutingRecord
 from racedit.moe import MoEConfig, aux_losses
 from racedit.moe.losses import balance_loss, plr_loss, router_similarity_loss
 
@@ -63,7 +63,7 @@ def test_aux_losses_weights_and_sums_over_layers():
     target = torch.ones(1, 2, 3)
     for layer in range(2):
         aux.add(
-            {"layer": layer, "logits": P.log(), "mask": M.view(1, 2, 3), "plr_pred": torch.zeros(1, 2, 3)}
+            RoutingRecord(layer=layer, logits=P.log(), mask=M.view(1, 2, 3), plr_pred=torch.zeros(1, 2, 3))
         )
     out = aux_losses(aux, target, cfg)
     assert math.isclose(out["plr"].item(), 0.5 * 2 * 1.0, rel_tol=1e-6)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from racedit.interfaces import ForwardAux
+from racedit.interfaces import ForwardAux, RoutingRecord
 from racedit.moe.metrics import (
     RoutingStats,
     combination_usage,
@@ -66,12 +66,7 @@ def make_aux(t, per_token):
     aux = ForwardAux(t=torch.tensor(t))
     for layer in (0, 1):
         aux.add(
-            {
-                "layer": layer,
-                "mask": mask,
-                "experts_per_sample": mask.sum(-1).float().mean(-1),
-                "tau": torch.tensor(0.5 + layer),
-            }
+            RoutingRecord(layer=layer, logits=torch.zeros(B * L, E), mask=mask, tau=torch.tensor(0.5 + layer))
         )
     return aux
 

@@ -10,7 +10,8 @@ import torch
 from racedit.interfaces import ForwardAux
 from racedit.models.loading import build_model
 from racedit.moe import MoEConfig, MoEFeedForward
-from racedit.moe.threshold import Threshold, global_kth
+from racedit.moe.threshold import Threshold
+from racedit.routing.distributed import radix_kth
 
 TINY = dict(input_size=8, num_classes=10, hidden_size=64, depth=2, num_heads=2, class_dropout_prob=0.0)
 
@@ -77,8 +78,8 @@ def test_short_training_eval_spends_k_experts_per_token():
             xt, t, _ = ddpm_batch(data[idx], labels[idx], g)
             aux = ForwardAux()
             model(xt, t, labels[idx], aux)
-            assert all(r["thresholded"] for r in aux.layers)
-            per_layer += torch.stack([r["experts_per_sample"].mean() for r in aux.layers]) / 8
+            assert all(b.mlp.eval_uses_threshold() for b in model.blocks)
+            per_layer += torch.stack([r.experts_per_sample.mean() for r in aux.layers]) / 8
     assert ((per_layer - 2).abs() / 2 < 0.10).all(), f"eval experts per token {per_layer.tolist()}, k = 2"
 
 
@@ -92,24 +93,25 @@ def test_tau_at_batch_kth_gives_train_eval_agreement(eval_routing):
     model.train()
     aux = ForwardAux()
     with torch.no_grad():
-        out_train = model(x, t, y, aux)
+        out_train = model(x, t, y, aux)  # the first update sets tau = this batch's K-th value exactly
     for block, record in zip(model.blocks, aux.layers):
-        block.mlp.threshold.tau.copy_(record["kth"])  # tau = this batch's K-th value
+        scores = record.logits.reshape(-1)  # identity gating: the routing scores are the logits
+        assert block.mlp.threshold.tau == torch.sort(scores, descending=True).values[2 * 4 * 16 - 1]
     model.eval()
     aux_eval = ForwardAux()
     with torch.no_grad():
         out_eval = model(x, t, y, aux_eval)
     torch.testing.assert_close(out_eval, out_train)
-    for a, b in zip(aux.layers, aux_eval.layers):
-        assert torch.equal(a["mask"], b["mask"])
-        assert b["thresholded"] == (eval_routing == "threshold")
+    for a, b, block in zip(aux.layers, aux_eval.layers, model.blocks):
+        assert torch.equal(a.mask, b.mask)
+        assert block.mlp.eval_uses_threshold() == (eval_routing == "threshold")
 
 
 def test_uninitialised_threshold_falls_back_to_topk():
     layer = MoEFeedForward(8, 32, MoEConfig(num_experts=4, k=2), 0, 4).eval()
     aux = ForwardAux()
     layer(torch.randn(2, 5, 8), aux)
-    assert not aux.layers[0]["thresholded"] and int(aux.layers[0]["counts"].sum()) == 20
+    assert not layer.eval_uses_threshold() and int(aux.layers[0].mask.sum()) == 20
 
 
 def _ddp_layer_and_input(rank: int):
@@ -124,7 +126,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, queue) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     scores = torch.arange(12.0).view(6, 2) + 100 * rank  # rank 1 holds all the large scores
-    kth = global_kth(scores, k_per_token=1)  # K = 1 * 12 global tokens -> 12th largest of 24
+    kth = radix_kth(scores, k_per_token=1)  # K = 1 * 12 global tokens -> 12th largest of 24
     from racedit.moe.losses import balance_loss, router_similarity_loss
 
     g = torch.Generator().manual_seed(rank)

@@ -179,7 +179,7 @@ h = torch.randn(2 + rank, 3, 8, generator=torch.Generator().manual_seed(10 + ran
 aux = ForwardAux()
 layer(h, aux)
 rec = aux.layers[0]
-logits = rec["logits"].detach()
+logits = rec.logits.detach()
 sizes = [(2 + r) * 3 for r in range(world)]
 padded = torch.zeros(max(sizes), 4)
 padded[: logits.shape[0]] = logits
@@ -188,12 +188,12 @@ dist.all_gather(gathered, padded)
 union = torch.cat([g[:n] for g, n in zip(gathered, sizes)]).view(-1, 3, 4)
 start = sum(2 + r for r in range(rank))
 ref = select(union, "race", 2)[start : start + 2 + rank]
-layer_ok = bool(torch.equal(rec["mask"], ref))
+layer_ok = bool(torch.equal(rec.mask, ref))
 tau_bits = bits(layer.threshold.tau)
 union_kth_bits = bits(gather_kth(logits, 2))
 
 out = {"checks": checks, "nan_raised": nan_raised, "layer_mask_equal": layer_ok,
-       "tau_bits": tau_bits, "union_kth_bits": union_kth_bits, "local_selected": int(rec["mask"].sum())}
+       "tau_bits": tau_bits, "union_kth_bits": union_kth_bits, "local_selected": int(rec.mask.sum())}
 with open(sys.argv[1] + f".rank{rank}.json", "w") as fh:
     json.dump(out, fh)
 

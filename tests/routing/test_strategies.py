@@ -86,7 +86,7 @@ def test_keep_all_ties_keeps_every_tie():
 
 def test_kth_value_reported():
     scores = torch.randn(2, 4, 4)
-    sel = get_strategy("race").select(scores, 2)
+    sel = get_strategy("race", k=2).select(scores)
     assert sel.kth.shape == (1,)
     assert sel.kth[0] == torch.sort(scores.reshape(-1), descending=True).values[2 * 4 * 2 - 1]
 
@@ -95,17 +95,18 @@ def test_kth_value_reported():
 def test_race_plan_equals_select(ties):
     """The fused dispatch.race_plan used by the layer selects exactly what select('race') selects."""
     scores = torch.randint(0, 4, (2, 8, 4)).float()
-    plan = get_strategy("race").plan(scores, 2, ties, "torch")
+    race = get_strategy("race", k=2, ties=ties, impl="torch")
+    plan = race.plan(scores)
     assert torch.equal(plan.mask().view(2, 8, 4), select(scores, "race", 2, ties))
-    tau = torch.tensor(2.0)
-    plan = get_strategy("race").plan(scores, 2, ties, "torch", tau=tau)
+    assert plan.kth == torch.sort(scores.reshape(-1), descending=True).values[race.k_for((2, 8, 4)) - 1]
+    plan = race.threshold_plan(scores, torch.tensor(2.0))
     assert torch.equal(plan.mask().view(2, 8, 4), scores >= 2.0)
 
 
 @pytest.mark.parametrize("strategy", sorted(OVER))
 def test_plan_gates_are_the_scores(strategy):
     scores = torch.randn(2, 8, 4, requires_grad=True)
-    plan = STRATEGIES[strategy].plan(scores, 2, "index", "torch")
+    plan = get_strategy(strategy, k=2, impl="torch").plan(scores)
     mask = select(scores.detach(), strategy, 2).view(16, 4)
     assert torch.equal(plan.mask(), mask)
     assert torch.equal(plan.sorted_gate, scores.view(16, 4)[plan.sorted_token, plan.sorted_expert])
@@ -126,3 +127,40 @@ def test_dispatch_plan_from_mask_roundtrip():
     mask = select(torch.randn(2, 4, 4), "token", 2).view(8, 4)
     plan = dispatch.plan_from_mask(mask, torch.ones(8, 4), "torch")
     assert torch.equal(plan.mask(), mask) and int(plan.counts.sum()) == 16
+
+
+def test_strategy_binds_its_settings_once():
+    """k, ties, the routing kernels and the scope are set at construction and checked there."""
+    race = get_strategy("race", k=2, ties="all", impl="torch")
+    assert (race.k, race.ties, race.impl, race.scope) == (2, "all", "torch", "local")
+    assert race.k_for((3, 8, 4)) == 3 * 8 * 2 and get_strategy("expert", k=2).k_for((3, 8, 4)) == 2 * 8 // 4
+    assert get_strategy("race", k=2, scope="global").local().scope == "local"
+    with pytest.raises(ValueError, match="scope='global' is defined for the expert race"):
+        get_strategy("token", k=2, scope="global")
+    with pytest.raises(ValueError, match="ties must be one of"):
+        get_strategy("race", k=2, ties="first")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k \\(experts per token\\) must be >= 1"):
+        get_strategy("race", k=0)
+
+
+def test_threshold_routing_belongs_to_the_race_alone():
+    """Only the expert race has a threshold: asking another strategy for one is an error, not a no-op."""
+    scores = torch.randn(2, 8, 4)
+    for name in sorted(set(STRATEGIES) - {"race"}):
+        strategy = get_strategy(name, k=2)
+        assert not strategy.uses_threshold
+        with pytest.raises(TypeError, match="has no threshold"):
+            strategy.threshold_plan(scores, torch.tensor(0.0))
+        with pytest.raises(TypeError, match="has no threshold"):
+            strategy.threshold_kth(scores.view(16, 4), torch.tensor(0.0))
+    assert get_strategy("race", k=2).uses_threshold
+
+
+def test_grouped_mm_is_not_a_routing_kernel():
+    """impl="grouped_mm" names the expert GEMMs; routing refuses it instead of quietly running "auto"."""
+    with pytest.raises(ValueError, match="grouped_mm.*no routing kernel"):
+        get_strategy("race", k=2, impl="grouped_mm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no routing kernel"):
+        dispatch.race_plan(torch.randn(8, 4), k_total=4, impl="grouped_mm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no routing kernel"):
+        dispatch.plan_from_mask(torch.ones(8, 4, dtype=torch.bool), torch.randn(8, 4), "grouped_mm")  # type: ignore[arg-type]

@@ -119,9 +119,9 @@ def test_cli_says_when_batch_dependent_and_records_it(tmp_path, capsys):
     model_dir = tmp_path / "bl"
     racedit.save_model(moe_model("bl", "topk", in_channels=3), model_dir)
     write_sampling_meta(model_dir, space="pixel", vae=None, diffusion={"objective": "flow"}, image_size=8)
-    out = tmp_path / "grid.png"
+    out = tmp_path / "grid.png"  # --out DIR: the grid's name inside it is fixed
     args = ["--ckpt", str(model_dir), "--classes", "2", "7", "--num-per-class", "3", "--steps", "2"]
-    assert main([*args, "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    assert main([*args, "--batch-size", "4", "--out", str(tmp_path), "--no-progress"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if "batch-dependent" in line]
     assert len(lines) == 1 and "router 'bl'" in lines[0] and "--batch-size 4" in lines[0]
     record = json.loads(out.with_suffix(".json").read_text())
@@ -129,12 +129,12 @@ def test_cli_says_when_batch_dependent_and_records_it(tmp_path, capsys):
     assert record["batch_size"] == 4 and record["class_order"] == [2, 2, 2, 7, 7, 7]
     assert record["cfg_halves"] == "joint"
     first = out.read_bytes()
-    assert main([*args, "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    assert main([*args, "--batch-size", "4", "--out", str(tmp_path), "--no-progress"]) == 0
     assert out.read_bytes() == first  # the same command, the same bytes
 
     # evaluation file: the record names the label order by the hash of arr_1 (batches are runs of it)
-    npz = tmp_path / "s.npz"
-    eval_args = ["--ckpt", str(model_dir), "--num-samples", "5", "--npz", str(npz), "--steps", "2"]
+    npz = tmp_path / "s" / "samples.npz"
+    eval_args = ["--ckpt", str(model_dir), "--num-samples", "5", "--out", str(npz.parent), "--steps", "2"]
     assert main([*eval_args, "--batch-size", "2", "--chunk-size", "4", "--no-progress"]) == 0
     rec = json.loads(npz.with_suffix(".json").read_text())
     with np.load(npz) as z:
@@ -145,7 +145,7 @@ def test_cli_says_when_batch_dependent_and_records_it(tmp_path, capsys):
     racedit.save_model(moe_model("race", "threshold", in_channels=3), race_dir)
     write_sampling_meta(race_dir, space="pixel", vae=None, diffusion={"objective": "flow"}, image_size=8)
     capsys.readouterr()
-    g2 = tmp_path / "g2.png"
+    g2 = tmp_path / "g2"
     assert main(["--ckpt", str(race_dir), "--steps", "2", "--out", str(g2), "--no-progress"]) == 0
     assert "batch-dependent" not in capsys.readouterr().err
-    assert json.loads((tmp_path / "g2.json").read_text())["batch_dependence"] is None
+    assert json.loads((g2 / "grid.json").read_text())["batch_dependence"] is None

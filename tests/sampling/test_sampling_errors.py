@@ -1,6 +1,6 @@
 """sample.py as a hostile user meets it: bad numbers refused at parse time, broken checkpoints reported in
 one line (a traceback only with --debug), a VAE path that works from any directory, and a corrupt chunk
-of an --npz run redone on resume."""
+of an evaluation run (--num-samples) redone on resume."""
 
 import json
 import os
@@ -38,7 +38,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OF
         (["--guidance-interval", "0", "1.5"], "--guidance-interval"),
         (["--guidance-channels", "0"], "--guidance-channels"),
         (["--scaling-factor", "0"], "--scaling-factor"),
-        (["--num-samples", "0", "--npz", "x.npz"], "--num-samples"),
+        (["--num-samples", "0"], "--num-samples"),
         (["--chunk-size", "-5"], "--chunk-size"),
     ],
 )
@@ -78,7 +78,7 @@ def _broken_copies(model_dir: Path, tmp_path: Path) -> dict[str, tuple[Path, str
 
 def test_every_checkpoint_failure_is_one_line(pixel_model_dir, tmp_path, capsys):
     for name, (ckpt, mentioned) in _broken_copies(pixel_model_dir, tmp_path).items():
-        rc = main(["--ckpt", str(ckpt), "--out", str(tmp_path / "g.png"), "--steps", "2", "--no-progress"])
+        rc = main(["--ckpt", str(ckpt), "--out", str(tmp_path / "g"), "--steps", "2", "--no-progress"])
         err = capsys.readouterr().err.strip()
         assert rc == 2, name
         assert len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
@@ -108,18 +108,18 @@ def test_vae_path_stored_absolute_works_from_another_directory(tmp_path, monkeyp
     monkeypatch.chdir(elsewhere)  # where "tinyvae" means nothing
     out = elsewhere / "grid.png"
     args = ["--ckpt", str(model_dir), "--classes", "1", "--num-per-class", "1", "--steps", "2"]
-    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert main([*args, "--out", str(elsewhere), "--no-progress"]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["vae"] == stored and record["vae_hub_id"] is None and record["shift_factor"] == 0.0
 
 
 def test_truncated_chunk_is_redone_on_resume(tmp_path, pixel_model_dir, capsys):
-    npz = tmp_path / "r.npz"
-    args = ["--ckpt", str(pixel_model_dir), "--num-samples", "6", "--npz", str(npz), "--steps", "3"]
+    npz = tmp_path / "r" / "samples.npz"
+    args = ["--ckpt", str(pixel_model_dir), "--num-samples", "6", "--out", str(npz.parent), "--steps", "3"]
     args += ["--chunk-size", "2", "--keep-chunks", "--no-progress"]
     assert main(args) == 0
     reference = npz.read_bytes()
-    chunk = tmp_path / "r.parts" / "chunk_000001.npz"
+    chunk = tmp_path / "r" / "samples.parts" / "chunk_000001.npz"
     data = chunk.read_bytes()
     chunk.write_bytes(data[: len(data) // 2])  # as a full disk or an interrupted copy leaves it
     npz.unlink()  # the run is unfinished again: the resume must merge
@@ -127,7 +127,7 @@ def test_truncated_chunk_is_redone_on_resume(tmp_path, pixel_model_dir, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "chunk_000001.npz is corrupt" in captured.err and "sampled again" in captured.err
-    assert "2 already done, 1 to go" in captured.out
+    assert "2 already done, 1 to go" in captured.err
     assert npz.read_bytes() == reference  # the same file as the uninterrupted run
     flipped = bytearray(chunk.read_bytes())
     flipped[300] ^= 0xFF  # a byte of the stored images (they span bytes ~170..550): caught by the zip CRC
@@ -158,10 +158,10 @@ def test_changed_export_is_refused_unless_no_verify(tmp_path, capsys):
         "--steps",
         "2",
         "--out",
-        str(tmp_path / "g.png"),
+        str(tmp_path / "g"),
         "--no-progress",
     ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.safetensors" in err[0] and "manifest" in err[0]
-    assert main([*args, "--no-verify"]) == 0 and (tmp_path / "g.png").is_file()
+    assert main([*args, "--no-verify"]) == 0 and (tmp_path / "g" / "grid.png").is_file()

@@ -8,8 +8,9 @@ from PIL import Image
 from racedit.diffusion import DiffusionConfig
 from racedit.sampling import official_dit_meta, read_sampling_meta, save_grid, write_sampling_meta
 from racedit.sampling.classes import imagenet_class_names, parse_classes
-from racedit.sampling.vae import VAEError, load_vae, vae_decoder
 from racedit.testing import save_tiny_autoencoder
+from racedit.vae import VAEError, load_vae
+from racedit.vae import decoder as vae_decoder
 
 
 def test_grid_upscales_tiny_images_nearest_and_captions(tmp_path):

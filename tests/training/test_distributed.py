@@ -41,7 +41,7 @@ aux = ForwardAux()
 model(x, t, y, aux=aux)
 report = []
 for m, b, rec in zip(layers, before, aux.layers):
-    scores = rec["logits"].detach().float().reshape(-1)  # identity gating: scores = logits
+    scores = rec.logits.detach().float().reshape(-1)  # identity gating: scores = logits
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(2)]
     dist.all_gather(sizes, torch.tensor([scores.numel()]))
     padded = torch.full((int(max(s.item() for s in sizes)),), float("-inf"))

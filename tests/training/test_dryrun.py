@@ -26,7 +26,7 @@ CLASSES = ("ant", "bee", "cow")
 def latents(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 latents of 3 classes (4 x 4 x 4), extracted through a tiny random AutoencoderKL."""
 
-    from racedit.data.extract import main as extract
+    from racedit.cli.extract import main as extract
 
     root = tmp_path_factory.mktemp("dryrun")
     save_tiny_autoencoder(root / "vae", num_blocks=4, width=4, sample_size=32)

@@ -61,7 +61,7 @@ def test_fresh_start_over_checkpoints_is_refused_and_overwrite_moves_them_aside(
     # --overwrite: the old run (checkpoints, final/, metrics) is moved aside whole, and the new run starts
     cfg["train"]["max_steps"] = 2
     _train(cfg, overwrite=True)
-    assert "moved 2 checkpoint(s), final, logs/metrics.jsonl of the previous run" in capsys.readouterr().out
+    assert "moved 2 checkpoint(s), final, logs/metrics.jsonl of the previous run" in capsys.readouterr().err
     (aside,) = out.glob("old-*")
     assert _names(aside / "checkpoints") == ["step_00000002", "step_00000004"]
     for p, data in before.items():
@@ -125,7 +125,7 @@ def test_all_corrupt_is_reported_kept_and_refused(tmp_path: Path, one_thread, ca
     ) as info:
         _train(cfg, resume="auto")
     assert "train.output_dir" in str(info.value) and "--overwrite" in str(info.value)
-    assert "no checkpoint" not in capsys.readouterr().out
+    assert "no checkpoint" not in capsys.readouterr().err
     assert _names(out / "checkpoints") == ["corrupt-step_00000002", "corrupt-step_00000004"]  # kept
     assert (out / "checkpoints" / "corrupt-step_00000004" / "optimizer.pt").is_file()
     # with --overwrite the corrupt ones go aside with the rest and a new run starts
@@ -156,7 +156,7 @@ def test_resume_auto_falls_back_past_checkpoints_that_verify_but_do_not_load(
     capsys.readouterr()
     cfg["train"]["max_steps"] = 4
     trainer = _train(cfg, resume="auto")
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err
     assert "skipping corrupt checkpoint step_00000003" in log and "optimizer.pt" in log
     assert "skipping corrupt checkpoint step_00000002" in log and "exp_avg" in log
     assert "resumed from" in log and "step_00000001 at step 1" in log
@@ -194,7 +194,7 @@ def test_accepted_changes_on_resume_are_applied_and_logged(tmp_path: Path, one_t
     cfg["train"].update(max_steps=3, lr=5e-3, weight_decay=0.01, ema_decay=0.5)
     cfg["log"]["every"] = 3
     trainer = _train(cfg, resume="auto")
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err
     assert "changed on resume: train.lr 0.001 -> 0.005" in log
     assert "changed on resume: train.max_steps 2 -> 3" in log
     assert "changed on resume: train.weight_decay 0.0 -> 0.01" in log

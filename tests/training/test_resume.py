@@ -110,7 +110,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path: Path, one_thread, capsys
     cfg["train"]["max_steps"] = 3
     result = _run_in_process(cfg, resume="auto")
     out = capsys.readouterr()
-    assert "skipping corrupt checkpoint step_00000004" in out.out + out.err and "falling back" in out.out
+    assert "skipping corrupt checkpoint step_00000004" in out.out + out.err and "falling back" in out.err
     assert "resumed from" in out.out + out.err and "step_00000002" in out.out + out.err
     assert result.step == 3
     # the corrupt one is kept for inspection under another name, no longer a candidate
