@@ -2,9 +2,11 @@
 
 All models share one size (width, depth, tokens) and one batch; a Race-DiT k-in-E with hidden split
 g = k spends the same activated expert FLOPs as the dense MLP, so its ratio to dense is the MoE
-overhead (routing, gathers, per-expert matmuls). With ``--compile`` every row is also timed ``torch.compile``'d
-(``train.compile=true``). One step = the diffusion objective's loss (the run's
-real loss: DDPM hybrid loss or flow matching, plus the MoE auxiliary losses), backward, AdamW.
+overhead (routing, gathers, per-expert matmuls, the optimizer over ~2.3x the parameters); the row
+"race, reference experts" runs the op-by-op reference expert computation instead of the device's fast
+path. With ``--compile`` every row is also timed ``torch.compile``'d (``train.compile=true``). One
+step = the diffusion objective's loss (the run's real loss: DDPM hybrid loss or flow matching, plus the
+MoE auxiliary losses), backward, AdamW.
 Timing is interleaved round-robin with warm-up and repeats; medians of wall and process-CPU time.
 
     python -m bench.train_step                     # CPU defaults
@@ -41,6 +43,12 @@ def variants(args: argparse.Namespace) -> dict[str, str | tuple[str, dict]]:
             f"RaceDiT-S/{args.patch}-{args.k}in{args.experts}",
             {"moe": {"router": router, **moe}},
         )
+    # the same model with the op-by-op reference expert computation (impl=torch) instead of the device's
+    # fast path (impl=auto: one autograd node on CPU, Triton on CUDA): what the fast path saves
+    out[f"Race-DiT {args.k}in{args.experts} race, reference experts"] = (
+        f"RaceDiT-S/{args.patch}-{args.k}in{args.experts}",
+        {"moe": {"router": "race", "impl": "torch", **moe}},
+    )
     for conn in CONNECTIONS:
         out[f"dense {conn}"] = (f"DiT-S/{args.patch}-{conn}", {})
         out[f"race {conn}"] = (f"RaceDiT-S/{args.patch}-{args.k}in{args.experts}-{conn}", {"moe": moe})
