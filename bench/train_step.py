@@ -3,8 +3,8 @@
 All models share one size (width, depth, tokens) and one batch; a Race-DiT k-in-E with hidden split
 g = k spends the same activated expert FLOPs as the dense MLP, so its ratio to dense is the MoE
 overhead (routing, gathers, per-expert matmuls, the optimizer over ~2.3x the parameters); the row
-"race, reference experts" runs the op-by-op reference expert computation instead of the device's fast
-path. With ``--compile`` every row is also timed ``torch.compile``'d (``train.compile=true``). One
+"race, reference experts" runs the reference expert computation (impl=torch) instead of the device's
+choice (impl=auto: Triton on CUDA; on CPU auto is the reference, so the two rows agree within noise). With ``--compile`` every row is also timed ``torch.compile``'d (``train.compile=true``). One
 step = the diffusion objective's loss (the run's real loss: DDPM hybrid loss or flow matching, plus the
 MoE auxiliary losses), backward, AdamW.
 Timing is interleaved round-robin with warm-up and repeats; medians of wall and process-CPU time.
@@ -43,8 +43,8 @@ def variants(args: argparse.Namespace) -> dict[str, str | tuple[str, dict]]:
             f"RaceDiT-S/{args.patch}-{args.k}in{args.experts}",
             {"moe": {"router": router, **moe}},
         )
-    # the same model with the op-by-op reference expert computation (impl=torch) instead of the device's
-    # fast path (impl=auto: one autograd node on CPU, Triton on CUDA): what the fast path saves
+    # the same model with the reference expert computation (impl=torch) instead of the device's choice
+    # (impl=auto: Triton on CUDA, the reference on CPU): what the fast path saves
     out[f"Race-DiT {args.k}in{args.experts} race, reference experts"] = (
         f"RaceDiT-S/{args.patch}-{args.k}in{args.experts}",
         {"moe": {"router": "race", "impl": "torch", **moe}},

@@ -1,5 +1,5 @@
-"""Routing layout and expert computation: PyTorch reference, its CPU fast path (``cpu_experts``), Triton
-kernels, and the dispatch point.
+"""Routing layout and expert computation: PyTorch reference, Triton kernels, ``torch._grouped_mm``, and the
+dispatch point.
 
 Importing this package never imports Triton; ``dispatch`` loads the kernels on first use.
 """
