@@ -172,6 +172,22 @@ def _kth_bench(rank: int, repeats: int) -> tuple[list[list[object]], list[list[o
     return rows, sweep
 
 
+def _demo_model_config(width: int, depth: int, **overrides):
+    """The demo-size RaceDiT-S/2-2in8 (8x8 one-channel inputs, 10 classes) the FSDP parts measure."""
+    from racedit.models.registry import resolve_model_config
+
+    return resolve_model_config(
+        "RaceDiT-S/2-2in8",
+        hidden_size=width,
+        depth=depth,
+        num_heads=4,
+        input_size=8,
+        in_channels=1,
+        num_classes=10,
+        **overrides,
+    )
+
+
 def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) -> list[list[object]]:
     import copy
     import statistics
@@ -181,20 +197,10 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) ->
 
     from racedit.models import DiT, ForwardAux
     from racedit.models.loading import model_kwargs
-    from racedit.models.registry import resolve_model_config
     from racedit.training import sharded
     from racedit.training.ema import EMA
 
-    cfg = resolve_model_config(
-        "RaceDiT-S/2-2in8",
-        hidden_size=width,
-        depth=depth,
-        num_heads=4,
-        input_size=8,
-        in_channels=1,
-        num_classes=10,
-        moe={"plr_weight": 0.01, "rsl_weight": 1e-4},
-    )
+    cfg = _demo_model_config(width, depth, moe={"plr_weight": 0.01, "rsl_weight": 1e-4})
     torch.manual_seed(0)
     base = DiT(**model_kwargs(cfg))
     g = torch.Generator().manual_seed(rank)
@@ -271,18 +277,9 @@ def _export_bench(rank: int, width: int, depth: int) -> list[list[object]]:
     from bench.common import peak_step_memory
     from racedit.models import DiT, save_model
     from racedit.models.loading import model_kwargs
-    from racedit.models.registry import resolve_model_config
     from racedit.training import sharded
 
-    cfg = resolve_model_config(
-        "RaceDiT-S/2-2in8",
-        hidden_size=width,
-        depth=depth,
-        num_heads=4,
-        input_size=8,
-        in_channels=1,
-        num_classes=10,
-    )
+    cfg = _demo_model_config(width, depth)
     torch.manual_seed(0)
     model = DiT(**model_kwargs(cfg))
     full_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from train_helpers import run_python, tiny_run, write_config
 
 from racedit.config.core import from_dict
+from racedit.testing import assert_bitwise
 from racedit.training import checkpoint as ckpt
 from racedit.training.config import RunConfig
 
@@ -42,22 +43,6 @@ def _state(step_dir: Path) -> dict[str, object]:
     }
 
 
-def _assert_bitwise(a: object, b: object, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys differ"
-        for k in a:
-            _assert_bitwise(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 @pytest.mark.timeout(900)  # a bound on a hang, not a timing check
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     # grad_accum 2 and label dropout and a race threshold: everything that draws randomness or keeps state.
@@ -75,7 +60,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert "resumed from" in r.stderr + r.stdout
     a = _state(tmp_path / "a" / "checkpoints" / "step_00000006")
     b = _state(tmp_path / "b" / "checkpoints" / "step_00000006")
-    _assert_bitwise(a, b, "checkpoint")
+    assert_bitwise(a, b, "checkpoint")
     # tau moved (the race threshold is part of the state that must match) and the EMA differs from the weights
     taus = [k for k in a["model"] if k.endswith("threshold.tau")]
     assert taus and all(float(a["model"][k]) != 0.0 for k in taus)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from train_helpers import run_python, tiny_run, write_config
 
 import racedit
+from racedit.testing import assert_bitwise
 from racedit.training import checkpoint as ckpt
 from racedit.training.sharded import read_full
 
@@ -77,21 +78,6 @@ def run_cfg(out: Path, distributed: str, **train: object) -> dict:
 
 def losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_bitwise(a: object, b: object, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{where} differs (max abs diff {(a.double() - b.double()).abs().max()})"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys differ: {set(a) ^ set(b)}"
-        for k in a:
-            assert_bitwise(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module")
