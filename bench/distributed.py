@@ -188,6 +188,14 @@ def _demo_model_config(width: int, depth: int, **overrides):
     )
 
 
+TRAIN_MODES = {  # label -> (sharded, train.fsdp_reshard_after_forward, gloo collectives)
+    "ddp": (False, None, None),
+    "fsdp": (True, True, True),  # the trainer's default on CPU
+    "fsdp keep": (True, False, True),  # train.fsdp_reshard_after_forward=false
+    "fsdp, FSDP2's gloo calls": (True, True, False),  # before racedit.training.collectives
+}
+
+
 def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) -> list[list[object]]:
     import copy
     import statistics
@@ -195,6 +203,7 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) ->
 
     from torch.nn.parallel import DistributedDataParallel
 
+    from bench.common import peak_step_memory
     from racedit.models import DiT, ForwardAux
     from racedit.models.loading import model_kwargs
     from racedit.training import sharded
@@ -211,26 +220,29 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) ->
     )
 
     setups = {}
-    for kind in ("ddp", "fsdp", "fsdp keep"):  # keep: train.fsdp_reshard_after_forward=false
+    for kind, (fsdp, reshard, gloo) in TRAIN_MODES.items():
         model = copy.deepcopy(base)
         ema = EMA(model, 0.999)
-        if kind.startswith("fsdp"):
-            sharded.shard(model, torch.device("cpu"), reshard_after_forward=kind == "fsdp")
-            sharded.shard(ema.model, torch.device("cpu"))
+        if fsdp:
+            sharded.shard(model, torch.device("cpu"), reshard_after_forward=reshard, gloo_collectives=gloo)
+            sharded.shard(ema.model, torch.device("cpu"), gloo_collectives=gloo)
             wrapped = model
         else:
             wrapped = DistributedDataParallel(model, static_graph=True)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's CPU default
-        clip = sharded.clip_grad_norm_ if kind.startswith("fsdp") else torch.nn.utils.clip_grad_norm_
+        clip = sharded.clip_grad_norm_ if fsdp else torch.nn.utils.clip_grad_norm_
         setups[kind] = (model, wrapped, opt, ema, clip)
+    state: dict[str, int] = {}
 
-    def step(kind: str) -> None:
+    def step(kind: str) -> None:  # the trainer's step (racedit/training/loop.py, Trainer.train_step)
         model, wrapped, opt, ema, clip = setups[kind]
         out = wrapped(x, t, y, aux=ForwardAux())
         out.float().pow(2).mean().backward()
         clip(model.parameters(), 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=False)  # keep gradients allocated: they are part of the state measured
+        # what the process holds at its fullest between steps: params, gradients, AdamW moments, EMA
+        state[kind] = sharded.state_bytes(model, opt) + sharded.state_bytes(ema.model)
+        opt.zero_grad(set_to_none=True)
         ema.update(model, 0)
 
     # Interleaved steps, each started together on both processes; wall and process CPU time per step.
@@ -246,11 +258,31 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) ->
             step(kind)
             cpu[kind].append(time.process_time() - c)
             wall[kind].append(time.perf_counter() - w)
+
+    # Peak tensor memory during one step (torch profiler; both processes run the step together): what is live
+    # when it starts (params, AdamW moments, EMA: the gradients are freed between steps) plus the step's peak
+    # allocation on top (full weights of the gathered units, gradients, communication buffers, activations).
+    # The activations are the same computation in every mode: measured alone on the plain model (gradients
+    # already allocated, so the forward + backward allocates only activations and temporaries).
+    peak = {}
+    for kind, (model, _, opt, ema, _) in setups.items():
+        dist.barrier()
+        at_start = sharded.state_bytes(model, opt) + sharded.state_bytes(ema.model)
+        peak[kind] = at_start + peak_step_memory(lambda kind=kind: step(kind), "cpu")
+    plain = copy.deepcopy(base)
+    for p in plain.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+
+    def forward_backward() -> None:
+        plain(x, t, y, aux=ForwardAux()).float().pow(2).mean().backward()
+
+    forward_backward()
+    activations = peak_step_memory(forward_backward, "cpu")
+
     rows = []
     base_cpu = statistics.median(cpu["ddp"])
     base_wall = statistics.median(wall["ddp"])
-    for kind, (model, _, opt, ema, _) in setups.items():
-        state = sharded.state_bytes(model, opt) + sharded.state_bytes(ema.model)
+    for kind in setups:
         c = sorted(cpu[kind])
         ratios = sorted(a / b for a, b in zip(cpu[kind], cpu["ddp"]))  # per interleaved round
         rows.append(
@@ -262,12 +294,14 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) ->
                 statistics.median(c) / base_cpu,
                 f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}",
                 statistics.median(wall[kind]) / base_wall,
-                state / 2**20,
+                state[kind] / 2**20,
+                state[kind] / state["ddp"],
+                peak[kind] / 2**20,
+                (peak[kind] - activations) / 2**20,
+                (peak[kind] - activations) / (peak["ddp"] - activations),
             ]
         )
-    base_m = rows[0][-1]
-    for row in rows:
-        row.append(row[-1] / base_m)
+    rows.append(["(activations of the step, every mode)", *[""] * 8, activations / 2**20, "", ""])
     return rows
 
 
@@ -381,8 +415,10 @@ def main(argv: list[str] | None = None) -> None:
         print_table(
             f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, {args.batch} "
             "per process, forward + backward + clip + AdamW + EMA (rank 0; medians of interleaved rounds; IQR = "
-            "interquartile range; state = params + grads + AdamW + EMA held by the process; fsdp keep = "
-            "train.fsdp_reshard_after_forward=false)",
+            "interquartile range; state = params + grads + AdamW + EMA held by the process after the optimizer "
+            "step; peak = tensor memory at the peak of a step (torch profiler), activations included; fsdp keep "
+            "= train.fsdp_reshard_after_forward=false; the last row runs FSDP2's own gloo all-gather and "
+            "reduce-scatter)",
             [
                 "mode",
                 "step ms (wall)",
@@ -393,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
                 "wall / DDP",
                 "state MiB",
                 "state / DDP",
+                "peak MiB",
+                "peak - activations MiB",
+                "(peak - activations) / DDP",
             ],
             train,
         )

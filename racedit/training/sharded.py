@@ -3,9 +3,11 @@
 
 How the pieces are sharded (every process holds 1/world of each, dim 0 of every parameter):
 - **Model**: ``fully_shard`` on every DiT block (dense, MoE, hyper/frac-connection blocks alike: the blocks are
-  ``model.blocks`` whatever fills their MLP slot and connections), then on the root for the embedders, the
-  final layer and the stream. Parameters become ``DTensor`` shards; a block's full weights exist only during
-  its forward and backward. Buffers (the race thresholds ``tau``) stay replicated.
+  ``model.blocks`` whatever fills their MLP slot and connections; the embedders ride in the first block's unit,
+  the final layer in the last's), then on the root for what is left (the stream, the frozen position
+  embedding). Parameters become ``DTensor`` shards; a block's full weights exist only during its forward and
+  backward. Buffers (the race thresholds ``tau``) stay replicated. On gloo (CPU) the units' all-gathers and
+  reduce-scatters go through the cheaper gloo calls of ``racedit.training.collectives``.
 - **Gradients** are reduce-scattered by FSDP (means over processes); **AdamW** state follows its parameters.
 - **EMA**: the fp32 EMA copy is sharded the same way and updated shard by shard (``torch._foreach_lerp_`` on
   their local shards, no DTensor dispatch): no full parameter is gathered per step. The full EMA model is
@@ -52,22 +54,51 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard(model: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
+def shard(
+    model: nn.Module,
+    device: torch.device,
+    reshard_after_forward: bool = True,
+    gloo_collectives: bool | None = None,
+) -> nn.Module:
     """Apply FSDP2 to every DiT block, then to the root (in place; the module keeps its class and names).
+
+    Units: each DiT block is one; the embedders (patch, timestep, label) join the first block's unit and the
+    final layer the last block's, so they cost no all-gather and no reduce-scatter of their own (they run just
+    before / after those blocks). The root unit keeps what is left (the frozen position embedding, the
+    stream's parameters, if any).
 
     ``reshard_after_forward`` (``train.fsdp_reshard_after_forward``): True frees a block's full weights after its
     forward and all-gathers them again in backward; False keeps them until backward (one all-gather per block
     and step instead of two). The last block keeps them either way (its backward starts right after the
-    forward), and so does the root (FSDP2's default for it)."""
+    forward), and so does the root (FSDP2's default for it).
+
+    ``gloo_collectives`` (default: when the process group is gloo, i.e. on CPU): carry each unit's all-gather
+    and reduce-scatter with the gloo calls that are cheaper on CPU (``racedit.training.collectives``); False
+    keeps FSDP2's own (the reference they are tested against)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    last = len(model.blocks) - 1
-    for i, block in enumerate(model.blocks):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and i < last)
-    fully_shard(model, mesh=mesh)
+    blocks = list(model.blocks)
+    last = len(blocks) - 1
+    units = []
+    for i, block in enumerate(blocks):
+        modules = [block]
+        if i == 0:
+            modules = [model.x_embedder, model.t_embedder, model.y_embedder, *modules]
+        if i == last:
+            modules.append(model.final_layer)
+        fully_shard(modules, mesh=mesh, reshard_after_forward=reshard_after_forward and i < last)
+        units.append(block)
+    units.append(fully_shard(model, mesh=mesh))
+    if gloo_collectives is None:
+        gloo_collectives = dist.get_backend() == "gloo" and dist.get_world_size() > 1
+    if gloo_collectives:
+        from racedit.training import collectives
+
+        for unit in units:
+            collectives.install(unit)
     return model
 
 
