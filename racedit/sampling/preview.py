@@ -84,14 +84,19 @@ class Preview:
             raise ConfigError(f"sample.classes {bad} are not classes of this dataset (0..{n - 1})")
         return [c for c in sc.classes for _ in range(sc.per_class)]
 
-    def write_grid(self, model: torch.nn.Module, path: Path, log: Callable[[str], None]) -> Path | None:
+    def write_grid(
+        self, model: torch.nn.Module, path: Path, log: Callable[[str], None], write: bool = True
+    ) -> Path | None:
         """A labelled grid (one row per class when ``sample.per_class`` > 1) at ``path``; None, with a line
-        through ``log``, when the VAE is unavailable (training goes on without its grids)."""
+        through ``log``, when the VAE is unavailable (training goes on without its grids). ``write=False``
+        samples the same images and writes nothing (the other processes of a sharded model's lockstep)."""
         labels = self.grid_labels()
         try:
             images = self.images(model, labels, self.cfg.seed)
         except VAEError as err:  # e.g. the VAE weights are missing offline
             log(f"sample grid skipped: {err}")
+            return None
+        if not write:
             return None
         nrow = self.cfg.per_class if self.cfg.per_class > 1 else None
         return save_grid(images, labels, self.caption_names(), path, nrow=nrow)

@@ -500,20 +500,22 @@ class Trainer:
         return path
 
     def sampling_model(self) -> torch.nn.Module | None:
-        """The EMA model with full weights on the main process. FSDP: gathered from the shards (a collective
-        every process calls; None on the others)."""
+        """The EMA model with full weights on the main process, for the demo report. FSDP: gathered from the
+        shards (a collective every process calls; None on the others)."""
         if not self.fsdp:
             return self.ema.model
         return sharded.full_model(self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)).to(self.device))
 
-    def write_grid(self, name: str, model: torch.nn.Module | None = None) -> Path | None:
-        """A labelled grid ``samples/<name>.png`` from the EMA model (main process); None when the VAE is
-        unavailable. Every process calls it (FSDP gathers the EMA model), unless ``model`` is given."""
-        if model is None:
-            model = self.sampling_model()
-        if not self.accelerator.is_main_process:
-            return None
-        return self.preview.write_grid(model, self.out / "samples" / f"{name}.png", log=self.log)
+    def write_grid(self, name: str) -> Path | None:
+        """A labelled grid ``samples/<name>.png`` from the EMA model, written by the main process; None when
+        the VAE is unavailable. Every process calls it: under FSDP all sample the same grid in lockstep from
+        the sharded EMA model (one unit's full weights at a time, ``sharded.lockstep``)."""
+        main = self.accelerator.is_main_process
+        path = self.out / "samples" / f"{name}.png"
+        if not self.fsdp:
+            return self.preview.write_grid(self.ema.model, path, log=self.log) if main else None
+        with sharded.lockstep(self.ema.model) as model:
+            return self.preview.write_grid(model, path, log=self.log, write=main)
 
     def log_routing(self) -> dict[str, float]:
         if self.routing is None or not self.routing.layers:
@@ -604,10 +606,12 @@ class Trainer:
 
     def make_budget(self) -> RunBudget:
         """The run's time limits; with ``train.time_budget_minutes`` the main process measures what the
-        final sampling will cost (``racedit.training.budget``) before the first step."""
+        final sampling will cost (``racedit.training.budget``) before the first step (FSDP: every process
+        samples the probe in lockstep with it, the sharded EMA model's forward being a collective)."""
         tc, sc = self.cfg.train, self.cfg.sample
+        main = self.accelerator.is_main_process
         budget = RunBudget(tc.time_budget_minutes, tc.time_limit_minutes)
-        if budget.deadline is None or not self.accelerator.is_main_process:
+        if budget.deadline is None or not (main or self.fsdp):
             return budget
         num_classes = self.model_cfg.num_classes
         counts = [
@@ -618,12 +622,18 @@ class Trainer:
         labels = [i % num_classes for i in range(min(sc.batch_size, max(counts)))]
         seconds = 0.0
         if batches:
+            together = (
+                sharded.lockstep(self.ema.model) if self.fsdp else contextlib.nullcontext(self.ema.model)
+            )
             try:
-                seconds = time_sampling_batch(
-                    lambda k: self.preview.images(self.ema.model, labels, sc.seed, steps=k), sc.steps
-                )
+                with together as model:
+                    seconds = time_sampling_batch(
+                        lambda k: self.preview.images(model, labels, sc.seed, steps=k), sc.steps
+                    )
             except VAEError:  # latents without the VAE: the final grid is skipped too
                 batches = 0
+        if not main:  # (FSDP) this process took part in the main process's probe
+            return budget
         budget.tail = Tail(sampling_batches=batches, seconds_per_batch=seconds)
         self.log(
             f"train.time_budget_minutes = {tc.time_budget_minutes:g}: {budget.elapsed():.0f} s used by start-up; "
@@ -645,13 +655,14 @@ class Trainer:
         acc = self.accelerator
         export_dir, report = None, {}
         sc = self.cfg.sample
-        if self.fsdp:  # streamed one tensor at a time; the full model is gathered only if it samples
+        if self.fsdp:  # streamed one tensor at a time
             from racedit.training.sharded import save_full
 
             export_dir = save_full(
                 self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)), self.out / "final"
             )
-        ema_model = self.sampling_model() if not self.fsdp or sc.final_grid or sc.report_per_class else None
+        # the demo report samples from the full model on the main process (FSDP: gathered for it)
+        ema_model = self.sampling_model() if not self.fsdp or sc.report_per_class else None
         if acc.is_main_process:
             if self.fsdp:  # the weights are written: add sampling.json and the manifest
                 export_dir = finish_export(export_dir, self.dataset, self.cfg.diffusion, self.model_cfg)
@@ -660,10 +671,10 @@ class Trainer:
                     ema_model, self.out / "final", self.dataset, self.cfg.diffusion, self.model_cfg
                 )
             self.log(f"exported the EMA model to {export_dir} (racedit-sample / sample.py reads it)")
-            if self.cfg.sample.final_grid:
-                grid = self.write_grid("final", ema_model)
-                if grid is not None:
-                    self.log(f"sample grid: {grid}")
+        grid = self.write_grid("final") if sc.final_grid else None  # every process (FSDP: in lockstep)
+        if acc.is_main_process:
+            if grid is not None:
+                self.log(f"sample grid: {grid}")
             if self.cfg.log.loss_curve:
                 curve = plot_loss_curve(
                     read_jsonl(self.out / "logs" / "metrics.jsonl"), self.out / "logs" / "loss.png"

@@ -195,6 +195,24 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+@contextlib.contextmanager
+def lockstep(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a sharded model's forwards (sampling a grid) on every process in lockstep: each process calls the
+    same forwards on the same inputs (same labels, same seeds), and FSDP all-gathers one unit's full weights
+    at a time, so no process ever holds the full model. Collective: every process must run the same calls.
+
+    On exit every unit is resharded (a forward keeps the last block's and the root's full weights, which a
+    backward would free); the local shards are then exactly what they were."""
+    from torch.distributed.fsdp import FSDPModule
+
+    try:
+        yield model
+    finally:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 def full_model(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
     """A plain (unsharded) copy of a sharded model on the main process, None elsewhere. Collective.
 

@@ -272,6 +272,90 @@ def test_gloo_collectives_equal_fsdp2s_own(tmp_path: Path) -> None:
     assert results[0]["grads"] > 40 and results[0]["nonzero"] > 0.8 * results[0]["grads"]
 
 
+LOCKSTEP_SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+import racedit
+from racedit.diffusion import DiffusionConfig, build_objective
+from racedit.sampling.generate import sample_latents
+from racedit.training import sharded
+
+rank = dist.get_rank()
+
+
+def build():
+    return racedit.build_model(
+        "RaceDiT-S/2-2in8", input_size=8, num_classes=10, hidden_size=32, depth=3, num_heads=2, in_channels=4
+    )
+
+
+torch.manual_seed(0)
+model = build()
+with torch.no_grad():  # away from adaLN-Zero's init, where every block is the identity
+    for p in model.parameters():
+        p.add_(torch.randn_like(p), alpha=0.05)
+model = model.float().eval().requires_grad_(False)  # as the EMA copy is
+sharded.shard(model, torch.device("cpu"))
+shards = {n: p.to_local().clone() for n, p in model.named_parameters()}
+objective = build_objective(DiffusionConfig(objective="flow"), learn_sigma=model.arch.learn_sigma)
+labels = [0, 1, 2, 3, 4, 5]
+kw = dict(objective=objective, sampler="heun", steps=3, cfg_scale=1.5, seed=7, batch_size=4)
+with sharded.lockstep(model) as m:  # every process, the same calls
+    together = sample_latents(m, labels, **kw)
+errors = []
+for n, p in model.named_parameters():  # resharded afterwards, shards untouched
+    if not (hasattr(p, "to_local") and torch.equal(p.to_local(), shards[n])):
+        errors.append(f"not resharded: {n}")
+plain = sharded.full_model(model, build)  # the gathered reference (collective), main process only
+result = {"errors": errors}
+if rank == 0:
+    reference = sample_latents(plain, labels, **kw)
+    result["equal"] = torch.equal(together, reference)
+    result["max_diff"] = float((together - reference).abs().max())
+    result["spread"] = float(reference.std())
+with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
+    json.dump(result, fh)
+from racedit.distributed import exit_command, teardown
+teardown()
+exit_command(0)
+"""
+
+
+@pytest.mark.timeout(900)  # a bound on a hang, not a timing check
+def test_lockstep_sampling_equals_the_gathered_model(tmp_path: Path) -> None:
+    # Sample grids under FSDP: every process runs the same sampling loop on the sharded EMA model, whose forward
+    # all-gathers one unit at a time. The gathered weights are the full weights bit for bit and the forward is
+    # the same float32 arithmetic on the same shapes, so the samples equal those of the full model gathered
+    # onto the main process (the way grids were drawn before), bitwise; afterwards every unit is sharded again.
+    script = tmp_path / "lockstep.py"
+    script.write_text(LOCKSTEP_SCRIPT)
+    out = tmp_path / "result"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
+    r = run_python(args, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    results = [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
+    assert results[0]["errors"] == results[1]["errors"] == []
+    assert results[0]["spread"] > 0.1  # real samples, not a constant
+    assert results[0]["equal"], results[0]["max_diff"]
+
+
+@pytest.mark.timeout(900)  # a bound on a hang, not a timing check
+def test_fsdp_trainer_samples_its_grids_in_lockstep(tmp_path: Path) -> None:
+    # The trainer's sampling under FSDP: a grid every step, the final grid, and train.time_budget_minutes'
+    # probe of the sampling cost before the first step, all on the sharded EMA model with every process taking
+    # part (the probe used to run on the main process alone, whose forward all-gathers could not complete).
+    out = tmp_path / "grids"
+    cfg = run_cfg(out, "fsdp", max_steps=2, checkpoint_every=2, time_budget_minutes=60)
+    cfg["sample"] = {**cfg["sample"], "every": 1, "final_grid": True}
+    r = launch(tmp_path, cfg, 2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert (out / "samples" / "step_00000001.png").is_file()
+    assert (out / "samples" / "final.png").is_file()
+    assert "sampling batches at" in r.stderr  # the probe ran and was logged
+
+
 COMPILE_SCRIPT = r"""
 import json, sys
 import torch, torch.distributed as dist
