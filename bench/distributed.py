@@ -10,8 +10,10 @@
    before it), interleaved repeats, median.
 3. **FSDP vs DDP** on the same tiny model (the demo's RaceDiT-S/2-2in8 at width 128, depth 4, 32 per process),
    2 processes: train-step time (forward, backward, clipping, AdamW, EMA) as wall and process CPU time per
-   interleaved round, and the bytes of parameters + gradients + AdamW state + EMA held per process after a
-   step (local shards under FSDP), for ``train.fsdp_reshard_after_forward`` true and false.
+   interleaved round; the bytes of parameters + gradients + AdamW state + EMA held per process after the
+   optimizer step (local shards under FSDP) and the peak tensor memory of a step (torch profiler), for
+   ``train.fsdp_reshard_after_forward`` true and false, and with FSDP2's own gloo collectives instead of
+   ``racedit.training.collectives``; and those collectives alone, per call, on one block's buffer.
 
     python -m bench.distributed
     python -m bench.distributed --parts kth
@@ -305,6 +307,56 @@ def _train_bench(rank: int, repeats: int, width: int, depth: int, batch: int) ->
     return rows
 
 
+def _collectives_bench(rank: int, repeats: int, width: int, depth: int) -> list[list[object]]:
+    """Process CPU time per call of FSDP's two collectives on one DiT block's flat buffer: gloo's own call
+    (what FSDP2 runs) against racedit.training.collectives' (what the trainer runs on gloo), interleaved, each
+    call started together on both processes."""
+    import statistics
+    import time
+
+    from racedit.models import DiT
+    from racedit.models.loading import model_kwargs
+    from racedit.training.collectives import AllReduceReduceScatter, BroadcastAllGather
+
+    cfg = _demo_model_config(width, depth)
+    block = DiT(**model_kwargs(cfg)).blocks[0]
+    numel = sum(p.numel() for p in block.parameters())
+    numel += -numel % 2  # FSDP pads each parameter to a multiple of the world size; close enough here
+    world, group, avg = 2, dist.group.WORLD, dist.ReduceOp.AVG
+    gathered = torch.randn(numel)
+    grads, reduced = torch.randn(numel), torch.empty(numel // world)
+    source = grads.clone()
+    mine = gathered.view(world, -1)[rank]  # FSDP2 gathers in place: the input is this process's slot
+    ways = {
+        "all-gather: gloo all_gather_single (FSDP2)": lambda: dist.all_gather_single(gathered, mine),
+        "all-gather: one broadcast per process": lambda: BroadcastAllGather()(gathered, mine, group),
+        "reduce-scatter: gloo reduce_scatter_single (FSDP2)": lambda: dist.reduce_scatter_single(
+            reduced, grads, op=avg
+        ),
+        "reduce-scatter: in-place all_reduce, own chunk": lambda: AllReduceReduceScatter()(
+            reduced, grads, group, avg
+        ),
+    }
+    for fn in ways.values():
+        fn()
+        grads.copy_(source)
+    cpu: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(repeats):
+        for name, fn in ways.items():
+            grads.copy_(source)  # the all-reduce works in place: the same input every call
+            dist.barrier()
+            c = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c)
+    med = {k: statistics.median(v) for k, v in cpu.items()}
+    names = list(ways)
+    rows = []
+    for i, name in enumerate(names):
+        reference = med[names[i - i % 2]]  # FSDP2's call of the same collective
+        rows.append([name, f"{numel * 4 / 2**20:.2f}", med[name] * 1e3, med[name] / reference])
+    return rows
+
+
 def _export_bench(rank: int, width: int, depth: int) -> list[list[object]]:
     """Peak CPU memory allocated on the main process while exporting the sharded EMA model: gathering the full
     model then ``save_model`` (before) against ``sharded.save_full`` (one tensor at a time)."""
@@ -356,6 +408,8 @@ def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, que
         if "train" in parts
         else None
     )
+    if "train" in parts:
+        train = (train, _collectives_bench(rank, 10 * args.train_repeats, args.width, args.depth))
     export = _export_bench(rank, args.width, args.depth) if "export" in parts else None
     queue.put((rank, kth, train, export))
     dist.barrier()
@@ -412,6 +466,13 @@ def main(argv: list[str] | None = None) -> None:
             sweep,
         )
     if train is not None:
+        train, comms = train
+        print_table(
+            "FSDP's collectives on gloo, 2 CPU processes, one DiT block's buffer (the demo model's block): process "
+            "CPU time per call (rank 0, median of interleaved calls)",
+            ["collective", "MiB", "CPU ms", "/ FSDP2's"],
+            comms,
+        )
         print_table(
             f"FSDP vs DDP, 2 CPU processes, RaceDiT-S/2-2in8 width {args.width} depth {args.depth}, {args.batch} "
             "per process, forward + backward + clip + AdamW + EMA (rank 0; medians of interleaved rounds; IQR = "
