@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.common import print_table
+from bench.common import add_host_memory_flag, print_table
 
 LAYERS_XL = 28  # MoE layers of RaceDiT-XL/2-4in32 (every block)
 
@@ -400,6 +400,10 @@ def _export_bench(rank: int, width: int, depth: int) -> list[list[object]]:
 
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queue) -> None:
     torch.set_num_threads(1)
+    if not args.glibc_malloc_defaults:  # what the trainer does on CPU (train.retain_host_memory)
+        from racedit.training.host_memory import retain_freed_memory
+
+        retain_freed_memory()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     parts = args.parts.split(",")
     kth = _kth_bench(rank, args.repeats) if "kth" in parts else None
@@ -424,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32, help="FSDP vs DDP samples per process (the demo's: 32)")
     p.add_argument("--train-repeats", type=int, default=21, help="interleaved FSDP/DDP step rounds")
     p.add_argument("--parts", default="kth,train,export", help="comma-separated subset of kth,train,export")
+    add_host_memory_flag(p)
     args = p.parse_args(argv)
     if "kth" in args.parts:
         computed_bytes_table()
@@ -479,7 +484,8 @@ def main(argv: list[str] | None = None) -> None:
             "interquartile range; state = params + grads + AdamW + EMA held by the process after the optimizer "
             "step; peak = tensor memory at the peak of a step (torch profiler), activations included; fsdp keep "
             "= train.fsdp_reshard_after_forward=false; the last row runs FSDP2's own gloo all-gather and "
-            "reduce-scatter)",
+            "reduce-scatter; "
+            f"{'glibc malloc defaults' if args.glibc_malloc_defaults else 'freed host memory retained'})",
             [
                 "mode",
                 "step ms (wall)",

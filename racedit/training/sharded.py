@@ -3,16 +3,18 @@
 
 How the pieces are sharded (every process holds 1/world of each, dim 0 of every parameter):
 - **Model**: ``fully_shard`` on every DiT block (dense, MoE, hyper/frac-connection blocks alike: the blocks are
-  ``model.blocks`` whatever fills their MLP slot and connections; the embedders ride in the first block's unit,
-  the final layer in the last's), then on the root for what is left (the stream, the frozen position
-  embedding). Parameters become ``DTensor`` shards; a block's full weights exist only during its forward and
-  backward. Buffers (the race thresholds ``tau``) stay replicated. On gloo (CPU) the units' all-gathers and
-  reduce-scatters go through the cheaper gloo calls of ``racedit.training.collectives``.
+  ``model.blocks`` whatever fills their MLP slot and connections; the embedders ride in the first block's
+  unit, the final layer in the last's), then on the root for what is left (the stream's parameters, if any; the
+  frozen position embedding stays whole on every process). Parameters become ``DTensor`` shards; a block's
+  full weights exist only during its forward and backward. Buffers (the race thresholds ``tau``) stay
+  replicated. On gloo (CPU) the units' all-gathers and reduce-scatters go through the cheaper gloo calls of
+  ``racedit.training.collectives``.
 - **Gradients** are reduce-scattered by FSDP (means over processes); **AdamW** state follows its parameters.
 - **EMA**: the fp32 EMA copy is sharded the same way and updated shard by shard (``torch._foreach_lerp_`` on
-  their local shards, no DTensor dispatch): no full parameter is gathered per step. The full EMA model is
-  gathered only to sample a grid or the demo report (``full_model``, a collective); the final export streams
-  it one tensor at a time (``save_full``).
+  their local shards, no DTensor dispatch): no full parameter is gathered per step. Sample grids run on every
+  process in lockstep on the sharded EMA model (``lockstep``: one unit's full weights at a time); the full
+  EMA model is gathered only for the demo report (``full_model``, a collective); the final export streams it
+  one tensor at a time (``save_full``).
 - **Checkpoints**: model, EMA and optimizer go through DCP into ``<checkpoint>/dcp/`` (one file per process +
   ``.metadata``), written inside the trainer's atomic temporary directory and covered by its manifest. DCP
   reshards on load, so a checkpoint written by N processes resumes on M. Its ``.metadata`` is a pickle: we
@@ -64,8 +66,8 @@ def shard(
 
     Units: each DiT block is one; the embedders (patch, timestep, label) join the first block's unit and the
     final layer the last block's, so they cost no all-gather and no reduce-scatter of their own (they run just
-    before / after those blocks). The root unit keeps what is left (the frozen position embedding, the
-    stream's parameters, if any).
+    before / after those blocks). The root unit keeps what is left (the stream's parameters, if any); the
+    frozen position embedding is not sharded (it never changes, and every process holds it whole).
 
     ``reshard_after_forward`` (``train.fsdp_reshard_after_forward``): True frees a block's full weights after its
     forward and all-gathers them again in backward; False keeps them until backward (one all-gather per block
@@ -91,7 +93,10 @@ def shard(
             modules.append(model.final_layer)
         fully_shard(modules, mesh=mesh, reshard_after_forward=reshard_after_forward and i < last)
         units.append(block)
-    units.append(fully_shard(model, mesh=mesh))
+    # The fixed sin-cos position embedding never changes: every process keeps it whole (a few KB), so the
+    # root gathers nothing each step unless the stream has parameters of its own.
+    frozen = {p for p in model.parameters(recurse=False) if not p.requires_grad}
+    units.append(fully_shard(model, mesh=mesh, ignored_params=frozen or None))
     if gloo_collectives is None:
         gloo_collectives = dist.get_backend() == "gloo" and dist.get_world_size() > 1
     if gloo_collectives:
