@@ -3,15 +3,22 @@ over gloo; NCCL keeps FSDP2's own).
 
 FSDP2 lets a run replace how a unit's all-gather and reduce-scatter are carried out
 (``FSDPModule.set_custom_all_gather`` / ``set_custom_reduce_scatter``): what is sent, to whom and in which
-layout stays FSDP2's, only the call that moves the bytes changes. On gloo (CPU), measured per call on 2
-processes with the demo model's block (2.7 MiB, one intra-op thread; ``python -m bench.distributed``), process
-CPU time relative to an ``all_reduce`` of the same buffer:
+layout stays FSDP2's, only the calls that move the bytes change. Measured on 2 CPU processes on the demo
+model's block (2.7 MiB; ``python -m bench.distributed --parts train``, process CPU time per call, several
+runs on a loaded machine):
 
-- ``reduce_scatter_single`` costs ~1.9x the ``all_reduce``; an all-reduce in place on FSDP2's reduce-scatter
-  input, then this process's chunk (divided by the world size for FSDP2's mean), gives the same sums for less
-  (``AllReduceReduceScatter``). With two processes the sum is ``g0 + g1`` either way, bitwise.
-- ``all_gather_single`` costs ~1.1x; one broadcast per process into its slot of the output, issued together
-  and then waited, costs ~0.75x (``BroadcastAllGather``). Pure data movement: bitwise the same output.
+- ``AllReduceReduceScatter``: an all-reduce in place on FSDP2's reduce-scatter input, then this process's chunk
+  (divided by the world size for FSDP2's mean), takes 0.67-0.68x the CPU time of gloo's
+  ``reduce_scatter_single``. With two processes the sum is ``g0 + g1`` either way and halving is exact:
+  bitwise the same gradients.
+- ``BroadcastAllGather``: one broadcast per process into its slot of the output, issued together and then
+  waited, takes 0.50-0.54x the CPU time of gloo's ``all_gather_single``. Pure data movement: bitwise the same
+  output.
+
+Only the reduce-scatter moves more bytes than the textbook collective (an all-reduce returns the whole
+reduced buffer to every process); on gloo that still costs less CPU than gloo's own reduce-scatter. Measured
+at world 2 only; with more processes the sums may be added in another order than gloo's reduce-scatter adds
+them (equal up to rounding, not bitwise).
 
 FSDP2's reference collectives stay the default wherever these are not installed, and a test runs a sharded
 step both ways and compares the gradients bit for bit (tests/training/test_sharded.py).
