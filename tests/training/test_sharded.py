@@ -222,32 +222,35 @@ from racedit.models import ForwardAux
 from racedit.training import sharded
 
 rank = dist.get_rank()
-runs = {}
-for gloo in (True, False):
-    torch.manual_seed(0)
-    model = racedit.build_model(
-        "RaceDiT-S/2-2in8", input_size=8, num_classes=10, hidden_size=32, depth=3, num_heads=2, in_channels=4
-    ).train()
-    with torch.no_grad():  # away from adaLN-Zero's init, where most gradients are exactly 0
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.05)
-    sharded.shard(model, torch.device("cpu"), gloo_collectives=gloo)
-    g = torch.Generator().manual_seed(3 + rank)
-    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, generator=g) * 1000, torch.randint(0, 10, (4,), generator=g)
-    torch.manual_seed(5 + rank)  # label dropout
-    out = model(x, t, y, aux=ForwardAux())
-    out.pow(2).mean().backward()
-    runs[gloo] = (out.detach(), {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None})
-(out_a, grads_a), (out_b, grads_b) = runs[True], runs[False]
-errors = []
-if not torch.equal(out_a, out_b):
-    errors.append("outputs differ")
-if grads_a.keys() != grads_b.keys() or not grads_a:
-    errors.append(f"gradients: {sorted(grads_a)} vs {sorted(grads_b)}")
-errors += [n for n in grads_a if not torch.equal(grads_a[n], grads_b.get(n))]
-nonzero = sum(bool(g.abs().sum() > 0) for g in grads_a.values())
+errors, counts = [], []
+for name in ("RaceDiT-S/2-2in8", "DiT-S/2-HCx2"):  # a MoE model; a dense one with hyper-connections
+    runs = {}
+    for gloo in (True, False):
+        torch.manual_seed(0)
+        model = racedit.build_model(
+            name, input_size=8, num_classes=10, hidden_size=32, depth=3, num_heads=2, in_channels=4
+        ).train()
+        with torch.no_grad():  # away from adaLN-Zero's init, where most gradients are exactly 0
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
+        sharded.shard(model, torch.device("cpu"), gloo_collectives=gloo)
+        g = torch.Generator().manual_seed(3 + rank)
+        x, t = torch.randn(4, 4, 8, 8, generator=g), torch.rand(4, generator=g) * 1000
+        y = torch.randint(0, 10, (4,), generator=g)
+        torch.manual_seed(5 + rank)  # label dropout
+        out = model(x, t, y, aux=ForwardAux())
+        out.pow(2).mean().backward()
+        grads = {n: p.grad.to_local().clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[gloo] = (out.detach(), grads)
+    (out_a, grads_a), (out_b, grads_b) = runs[True], runs[False]
+    if not torch.equal(out_a, out_b):
+        errors.append(f"{name}: outputs differ")
+    if grads_a.keys() != grads_b.keys() or not grads_a:
+        errors.append(f"{name} gradients: {sorted(grads_a)} vs {sorted(grads_b)}")
+    errors += [f"{name}: {n}" for n in grads_a if not torch.equal(grads_a[n], grads_b.get(n))]
+    counts.append((len(grads_a), sum(bool(g.abs().sum() > 0) for g in grads_a.values())))
 with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
-    json.dump({"errors": errors, "grads": len(grads_a), "nonzero": nonzero}, fh)
+    json.dump({"errors": errors, "counts": counts}, fh)
 from racedit.distributed import exit_command, teardown
 teardown()
 exit_command(0)
@@ -269,7 +272,8 @@ def test_gloo_collectives_equal_fsdp2s_own(tmp_path: Path) -> None:
     results = [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
     assert results[0]["errors"] == results[1]["errors"] == []
     # every unit's parameters, embedders and final layer included; nearly all with a nonzero gradient shard
-    assert results[0]["grads"] > 40 and results[0]["nonzero"] > 0.8 * results[0]["grads"]
+    for grads, nonzero in results[0]["counts"]:
+        assert grads > 30 and nonzero > 0.8 * grads
 
 
 LOCKSTEP_SCRIPT = r"""
