@@ -4,8 +4,10 @@
 How the pieces are sharded (every process holds 1/world of each, dim 0 of every parameter):
 - **Model**: ``fully_shard`` on every DiT block (dense, MoE, hyper/frac-connection blocks alike: the blocks are
   ``model.blocks`` whatever fills their MLP slot and connections; the embedders ride in the first block's
-  unit, the final layer in the last's), then on the root for what is left (the stream's parameters, if any; the
-  frozen position embedding stays whole on every process). Parameters become ``DTensor`` shards; a block's
+  unit, the final layer in the last's), then on the root for what is left (the stream's parameters, if any).
+  The frozen position embedding and scalar parameters (the dynamic connections' scales, which FSDP2 cannot
+  shard) stay whole on every process; the scalars' gradients are averaged over processes as DDP does.
+  Parameters become ``DTensor`` shards; a block's
   full weights exist only during its forward and backward. Buffers (the race thresholds ``tau``) stay
   replicated. On gloo (CPU) the units' all-gathers and reduce-scatters go through the cheaper gloo calls of
   ``racedit.training.collectives``.
@@ -66,8 +68,8 @@ def shard(
 
     Units: each DiT block is one; the embedders (patch, timestep, label) join the first block's unit and the
     final layer the last block's, so they cost no all-gather and no reduce-scatter of their own (they run just
-    before / after those blocks). The root unit keeps what is left (the stream's parameters, if any); the
-    frozen position embedding is not sharded (it never changes, and every process holds it whole).
+    before / after those blocks). The root unit keeps what is left (the stream's parameters, if any). Every
+    process holds the frozen position embedding and scalar parameters whole (see below).
 
     ``reshard_after_forward`` (``train.fsdp_reshard_after_forward``): True frees a block's full weights after its
     forward and all-gathers them again in backward; False keeps them until backward (one all-gather per block
@@ -82,6 +84,15 @@ def shard(
 
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # Kept whole on every process instead of sharded: the fixed sin-cos position embedding (it never changes, so
+    # the root gathers nothing per step) and scalar parameters (the dynamic connections' scales: FSDP2 shards
+    # along dim 0 only), whose gradients are averaged over processes as DDP does (``_average_gradient``).
+    frozen = {p for p in model.parameters(recurse=False) if not p.requires_grad}
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    whole = (frozen | scalars) or None
+    for p in scalars:
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(_average_gradient)
     blocks = list(model.blocks)
     last = len(blocks) - 1
     units = []
@@ -91,12 +102,10 @@ def shard(
             modules = [model.x_embedder, model.t_embedder, model.y_embedder, *modules]
         if i == last:
             modules.append(model.final_layer)
-        fully_shard(modules, mesh=mesh, reshard_after_forward=reshard_after_forward and i < last)
+        unit_reshards = reshard_after_forward and i < last
+        fully_shard(modules, mesh=mesh, reshard_after_forward=unit_reshards, ignored_params=whole)
         units.append(block)
-    # The fixed sin-cos position embedding never changes: every process keeps it whole (a few KB), so the
-    # root gathers nothing each step unless the stream has parameters of its own.
-    frozen = {p for p in model.parameters(recurse=False) if not p.requires_grad}
-    units.append(fully_shard(model, mesh=mesh, ignored_params=frozen or None))
+    units.append(fully_shard(model, mesh=mesh, ignored_params=whole))
     if gloo_collectives is None:
         gloo_collectives = dist.get_backend() == "gloo" and dist.get_world_size() > 1
     if gloo_collectives:
@@ -105,6 +114,16 @@ def shard(
         for unit in units:
             collectives.install(unit)
     return model
+
+
+def _average_gradient(param: Tensor) -> None:
+    """A parameter kept whole on every process: its gradient becomes the mean over processes (one all-reduce
+    as soon as autograd has accumulated it; under gradient accumulation the part accumulated before is already
+    that mean on every process, so averaging again is exact)."""
+    world = dist.get_world_size()
+    if world > 1:
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
 
 
 def autocast_forward(model: nn.Module, mixed_precision: str, device: torch.device) -> None:
@@ -153,21 +172,25 @@ def local(t: Tensor) -> Tensor:
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterator[nn.Parameter], max_norm: float) -> Tensor:
     """Global L2 norm of the sharded gradients (per-shard norms by one foreach kernel, one all-reduce of the
-    sum of squares), then clip the local shards in place.
+    sum of squares), then clip the local shards in place. A gradient every process holds whole (a parameter
+    ``shard`` keeps whole) counts once: the main process adds it.
 
     The same norm as ``torch.nn.utils.clip_grad_norm_`` on the full gradients, up to the summation order.
     """
-    grads = [local(p.grad) for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    shards = [local(g) for g in grads if hasattr(g, "to_local")]
+    whole = [g for g in grads if not hasattr(g, "to_local")]
+    counted = shards + (whole if not dist.is_initialized() or dist.get_rank() == 0 else [])
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    if grads:
-        squares = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum()
+    if counted:
+        squares = torch.stack(torch._foreach_norm(counted, dtype=torch.float32)).square().sum()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(squares)
     norm = squares.sqrt()
     if math.isfinite(max_norm) and grads:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
+        torch._foreach_mul_(shards + whole, coef)
     return norm
 
 
