@@ -71,6 +71,12 @@ def test_fc_matmul_path(rate: int, dynamic: bool) -> None:
     _check(conn, torch.randn(B, L, D, dtype=torch.float64), **EXACT)
 
 
+@pytest.mark.parametrize("rate", [1, 2, 4])
+def test_static_fc_fractions_first_gemm_path(rate: int) -> None:
+    conn = FracConnection(D, rate, fractions_first=True).double()
+    _check(conn, torch.randn(rate, B, L, D // rate, dtype=torch.float64), **EXACT)
+
+
 @pytest.mark.parametrize("rate", [2, 4])
 def test_mhc_fast_path_matches_the_reference_in_float32(rate: int) -> None:
     conn = ManifoldHyperConnection(D, rate, index=1, sinkhorn_iters=20)
