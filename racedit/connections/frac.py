@@ -111,11 +111,11 @@ class FracConnection(Connection):
         return mixed.addcmul_(post.unsqueeze(-1), out).view(state.shape)
 
     def _forward_fractions_first(self, state: Tensor, branch: Branch) -> Tensor:  # (m, B, L, D/m)
-        m, F = self.rate, self.dim // self.rate
+        m = self.rate
         flat = state.reshape(m, -1)  # (m, B L D/m): a view of the fraction-major state
-        h0, alias = _FracRead.apply(flat, self.static_pre, F)  # (T, m, D/m) token-major, (m, T D/m)
-        out = branch(h0.view(*state.shape[1:3], self.dim))  # (B, L, D)
-        new = _FracWrite.apply(alias, self.static_res, self.static_post, out.reshape(-1, m, F))
+        h0, alias = _FracRead.apply(flat, self.static_pre, state.shape[1:3])  # (B, L, D), (m, B L D/m)
+        out = branch(h0)  # (B, L, D)
+        new = _FracWrite.apply(alias, self.static_res, self.static_post, out)  # (m, B L D/m)
         return new.view(state.shape)
 
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
@@ -157,11 +157,11 @@ class _FracRead(torch.autograd.Function):
     formula (``reference_forward``) in values and gradients."""
 
     @staticmethod
-    def forward(ctx, flat: Tensor, pre: Tensor, width: int):  # (m, T F), (m, m) -> (T, m, F), alias
+    def forward(ctx, flat: Tensor, pre: Tensor, lead: torch.Size):  # (m, T F), (m, m) -> (B, L, D), alias
         m = flat.shape[0]
         ctx.save_for_backward(flat, pre)
-        h0 = torch.mm(pre.t(), flat).view(m, -1, width)  # (m, T, F)
-        return h0.transpose(0, 1).contiguous(), flat.view_as(flat)
+        h0 = torch.mm(pre.t(), flat).view(m, *lead, -1)  # (m, B, L, F)
+        return h0.permute(1, 2, 0, 3).reshape(*lead, -1), flat.view_as(flat)
 
     @staticmethod
     def backward(ctx, grad_h0: Tensor | None, grad_alias: Tensor | None):
@@ -173,7 +173,9 @@ class _FracRead(torch.autograd.Function):
             grad_flat = grad_alias  # made by _FracWrite.backward alone: accumulated onto in place
         if grad_h0 is None:  # a branch that ignores its input
             return grad_flat, torch.zeros_like(pre), None
-        grad_h0 = grad_h0.transpose(0, 1).reshape(m, -1)  # (m, T F): one transposing copy
+        grad_h0 = (
+            grad_h0.reshape(-1, m, grad_h0.shape[-1] // m).transpose(0, 1).reshape(m, -1)
+        )  # (m, T F): a copy
         grad_pre = torch.mm(flat, grad_h0.t())  # [i, j] = <H_i, dL/dh0_j>
         return grad_flat.addmm_(pre, grad_h0), grad_pre, None
 
@@ -184,11 +186,12 @@ class _FracWrite(torch.autograd.Function):
     GEMMs (dL/dH, dL/dA), dL/dout written token-major in one pass, dL/dB as a multiply-sum."""
 
     @staticmethod
-    def forward(ctx, flat: Tensor, res: Tensor, post: Tensor, out: Tensor) -> Tensor:
+    def forward(ctx, flat: Tensor, res: Tensor, post: Tensor, out: Tensor) -> Tensor:  # out (B, L, D)
         m = flat.shape[0]
         ctx.save_for_backward(flat, res, post, out)
         new = torch.mm(res.t(), flat)  # (m, T F)
-        new.view(m, *out.shape[::2]).addcmul_(out.transpose(0, 1), post.view(m, 1, 1))
+        out_fractions = out.reshape(-1, m, out.shape[-1] // m).transpose(0, 1)  # (m, T, F), a view
+        new.view(out_fractions.shape).addcmul_(out_fractions, post.view(m, 1, 1))
         return new
 
     @staticmethod
@@ -198,10 +201,16 @@ class _FracWrite(torch.autograd.Function):
         grad = grad.contiguous()
         grad_flat = torch.mm(res, grad)  # (m, T F)
         grad_res = torch.mm(flat, grad.t())  # [i, j] = <H_i, dL/dnew_j>
-        grad_fractions = grad.view(m, *out.shape[::2]).transpose(0, 1)  # (T, m, F), a view
-        grad_out = torch.mul(grad_fractions, post.view(1, m, 1), out=torch.empty_like(out))  # token-major
-        grad_post = torch.mul(grad_fractions, out).sum((0, 2))
-        return grad_flat, grad_res, grad_post, grad_out
+        out_tokens = out.reshape(-1, m, out.shape[-1] // m)  # (T, m, F)
+        grad_fractions = grad.view(m, -1, out_tokens.shape[-1]).transpose(0, 1)  # (T, m, F), a view
+        if (
+            torch.compiler.is_compiling()
+        ):  # traced graphs mis-stride out= results; the compiler fuses this anyway
+            grad_out = (grad_fractions * post.view(1, m, 1)).contiguous()
+        else:  # dL/dout token-major in one pass (a plain multiply would keep the transposed layout)
+            grad_out = torch.mul(grad_fractions, post.view(1, m, 1), out=torch.empty_like(out_tokens))
+        grad_post = torch.mul(grad_fractions, out_tokens).sum((0, 2))
+        return grad_flat, grad_res, grad_post, grad_out.reshape(out.shape)
 
 
 class FracStream(Stream):

@@ -175,14 +175,16 @@ RMS_EPS = 1e-6  # the RMSNorm's eps of the coefficient projection
 
 
 class _ReadAndLogits(torch.autograd.Function):
-    """mHC's reads of the state before its branch, as one autograd node: the coefficient logits
-    z = proj(x) / rms(x) (x the flattened state, (T, n D)) and the sublayer input h0 = H_pre^T H with
-    H_pre = sigmoid(a_pre z_pre + b_pre). Its third output is the state itself (an alias, for ``_MixAndWrite``).
+    """mHC's work on the state before its branch, as one autograd node: the coefficient logits
+    z = proj(x) / rms(x) (x the flattened state, (T, n D)); from them H_pre = sigmoid(a_pre z_pre + b_pre),
+    H_post = 2 sigmoid(a_post z_post + b_post) and the Sinkhorn logits a_res z_res + b_res; and the sublayer
+    input h0 = H_pre^T H. Its last output is the state itself (an alias, for ``_MixAndWrite``).
 
     Why one node: under autograd these are three consumers of the n-wide state (the norm, the projection, the
     read), each handing back its own (T, n, D) gradient that the engine then adds up, and the norm's backward
-    alone spends three passes. Here the backward writes the state's gradient once,
-    ``c x + (dL/dz / rms) W + H_pre (dL/dh0)^T`` (c a per-token scalar from the norm), in three in-place passes.
+    alone spends three passes; the coefficients are some twenty small ops, each an autograd node. Here the
+    backward writes the state's gradient once, ``c x + (dL/dz / rms) W + H_pre (dL/dh0)^T`` (c a per-token scalar
+    from the norm), in three in-place passes, and the coefficients' derivatives are a dozen small ops.
 
     Why the alias: the write after the branch (``_MixAndWrite``) is the state's fourth consumer. It reads the
     alias, so its state gradient ``H_res (dL/dnew)`` arrives here as the alias's gradient, a tensor that only
@@ -192,31 +194,39 @@ class _ReadAndLogits(torch.autograd.Function):
     autograd through the reference path."""
 
     @staticmethod
-    def forward(ctx, state: Tensor, weight: Tensor, pre_scale: Tensor, pre_bias: Tensor):
+    def forward(ctx, state, weight, pre_scale, pre_bias, post_scale, post_bias, res_scale, res_bias):
         T, n, D = state.shape
         x = state.view(T, n * D)
         inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / (n * D) + RMS_EPS)
         z = torch.mm(x, weight.t()).mul_(inv_rms)  # (T, 2n + n^2)
-        pre = torch.sigmoid(pre_scale * z[:, :n] + pre_bias)  # (T, n)
+        pre = torch.sigmoid(torch.addcmul(pre_bias, z[:, :n], pre_scale))  # (T, n)
+        post = torch.sigmoid(torch.addcmul(post_bias, z[:, n : 2 * n], post_scale)).mul_(2.0)  # (T, n)
+        res_logits = torch.addcmul(res_bias.view(-1), z[:, 2 * n :], res_scale).view(T, n, n)  # (T, n, n)
         h0 = torch.bmm(pre.unsqueeze(1), state).squeeze(1)  # (T, D)
-        ctx.save_for_backward(state, weight, pre_scale, z, inv_rms, pre)
-        return h0, z, state.view_as(state)
+        ctx.save_for_backward(state, weight, pre_scale, post_scale, res_scale, z, inv_rms, pre, post)
+        return h0, post, res_logits, state.view_as(state)
 
     @staticmethod
-    def backward(ctx, grad_h0: Tensor | None, grad_z: Tensor | None, grad_alias: Tensor | None):
-        state, weight, pre_scale, z, inv_rms, pre = ctx.saved_tensors
+    def backward(ctx, grad_h0, grad_post, grad_res_logits, grad_alias):
+        state, weight, pre_scale, post_scale, res_scale, z, inv_rms, pre, post = ctx.saved_tensors
         T, n, D = state.shape
         x = state.view(T, n * D)
-        grad_z = torch.zeros_like(z) if grad_z is None else grad_z.clone()
         if grad_h0 is None:
             grad_h0 = state.new_zeros(T, D)
-        # the read h0 = sum_i pre_i H_i, then pre = sigmoid(a z_pre + b); <H_i, dL/dh0> as a (1 x D) @ (D x n)
-        # product per token (the (n x D) @ (D x 1) form is ~2.5x slower on CPU)
+        grad_post = torch.zeros_like(post) if grad_post is None else grad_post
+        grad_res = z.new_zeros(T, n * n) if grad_res_logits is None else grad_res_logits.reshape(T, n * n)
+        # the read h0 = sum_i pre_i H_i; <H_i, dL/dh0> as a (1 x D) @ (D x n) product per token (the
+        # (n x D) @ (D x 1) form is ~2.5x slower on CPU)
         grad_pre = torch.bmm(grad_h0.unsqueeze(1), state.transpose(1, 2)).squeeze(1)  # (T, n)
-        d = grad_pre.mul_(pre * (1 - pre))  # dL/d(a z_pre + b)
-        grad_scale = (d * z[:, :n]).sum().reshape(pre_scale.shape)
-        grad_bias = d.sum(0)
-        grad_z[:, :n] += pre_scale * d
+        d_pre = grad_pre.mul_(pre * (1 - pre))  # dL/d(a z_pre + b): sigmoid' = s (1 - s)
+        d_post = grad_post * post * (1 - 0.5 * post)  # post = 2 s: d post / d(a z + b) = 2 s (1 - s)
+        z_pre, z_post, z_res = z[:, :n], z[:, n : 2 * n], z[:, 2 * n :]
+        grad_pre_scale = (d_pre * z_pre).sum().reshape(pre_scale.shape)
+        grad_post_scale = (d_post * z_post).sum().reshape(post_scale.shape)
+        grad_res_scale = (grad_res * z_res).sum().reshape(res_scale.shape)
+        grad_z = torch.cat(
+            [d_pre * pre_scale, d_post * post_scale, grad_res * res_scale], dim=1
+        )  # (T, 2n + n^2)
         # z = (x W^T) s with s = (|x|^2 / (n D) + eps)^(-1/2): ds/dx = -s^3 x / (n D), dL/ds = sum_k dL/dz_k z_k / s
         grad_raw = grad_z.mul_(inv_rms)  # dL/d(x W^T)
         coef = (
@@ -229,7 +239,16 @@ class _ReadAndLogits(torch.autograd.Function):
             grad_state = grad_alias  # made by _MixAndWrite.backward alone: accumulated onto in place
         grad_state.view(T, n * D).addmm_(grad_raw, weight).addcmul_(x, coef)
         grad_state.baddbmm_(pre.unsqueeze(-1), grad_h0.unsqueeze(1))
-        return grad_state, grad_weight, grad_scale, grad_bias
+        return (
+            grad_state,
+            grad_weight,
+            grad_pre_scale,
+            d_pre.sum(0),
+            grad_post_scale,
+            d_post.sum(0),
+            grad_res_scale,
+            grad_res.sum(0).view(n, n),
+        )
 
 
 class _MixAndWrite(torch.autograd.Function):
@@ -318,16 +337,21 @@ class ManifoldHyperConnection(Connection):
         return pre, project(res_logits, self.sinkhorn_iters), post
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, n, D) -> (B, L, n, D)
-        """The fast path: everything read from the state before the branch (RMS, projection, H_pre, the read) in
-        one node, ``_ReadAndLogits``, then H_post and Sinkhorn on the (T, 2n + n^2) logits, then the mix and write
-        in one node, ``_MixAndWrite``, whose state gradient the first node accumulates onto."""
+        """The fast path: everything read from the state before the branch (RMS, projection, the coefficients, the
+        read) in one node, ``_ReadAndLogits``, then Sinkhorn, then the mix and write in one node,
+        ``_MixAndWrite``, whose state gradient the first node accumulates onto."""
         *lead, n, D = state.shape
         flat = state.reshape(-1, n, D).contiguous()  # (T, n, D); a copy only of the expanded first state
-        h0, z, alias = _ReadAndLogits.apply(
-            flat, self.proj.weight, self.pre_scale, self.pre_bias
-        )  # (T, D), (T, 2n + n^2), (T, n, D)
-        post = 2 * torch.sigmoid(self.post_scale * z[:, n : 2 * n] + self.post_bias)  # (T, n)
-        res_logits = self.res_scale * z[:, 2 * n :].unflatten(-1, (n, n)) + self.res_bias
+        h0, post, res_logits, alias = _ReadAndLogits.apply(
+            flat,
+            self.proj.weight,
+            self.pre_scale,
+            self.pre_bias,
+            self.post_scale,
+            self.post_bias,
+            self.res_scale,
+            self.res_bias,
+        )  # (T, D), (T, n), (T, n, n), (T, n, D)
         res = sinkhorn_fast(res_logits, self.sinkhorn_iters)  # (T, n, n)
         out = branch(h0.view(*lead, D))  # (B, L, D)
         return _MixAndWrite.apply(alias, res, post, out.reshape(-1, D)).view(state.shape)
