@@ -87,7 +87,7 @@ def fast_vs_reference(args: argparse.Namespace) -> None:
         "HCx2 (static, streams first)": (HyperConnection(D, 2, 1, streams_first=True), (2, B, L, D)),
         "HCx4 (static, streams first)": (HyperConnection(D, 4, 1, streams_first=True), (4, B, L, D)),
         "DHCx2": (HyperConnection(D, 2, 1, dynamic=True), (B, L, 2, D)),
-        "FCx4": (FracConnection(D, 4), (B, L, D)),
+        "FCx4 (static, fractions first)": (FracConnection(D, 4, fractions_first=True), (4, B, L, D // 4)),
         "DFCx4": (FracConnection(D, 4, dynamic=True), (B, L, D)),
         "mHCx4": (ManifoldHyperConnection(D, 4, 1), (B, L, 4, D)),
     }
