@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -28,6 +29,25 @@ def machine_description() -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}, "
         f"Python {platform.python_version()}"
     )
+
+
+def add_host_memory_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--glibc-malloc-defaults",
+        action="store_true",
+        help="on CPU, leave glibc's mmap/trim thresholds alone instead of keeping freed memory in the "
+        "process as the trainer does (train.retain_host_memory, racedit/training/host_memory.py)",
+    )
+
+
+def setup_host_memory(args: argparse.Namespace) -> str:
+    """Do what the trainer does with host memory on this device; returns a note for the table title."""
+    if args.device != "cpu" or args.glibc_malloc_defaults:
+        return "glibc malloc defaults" if args.device == "cpu" else ""
+    from racedit.training.host_memory import retain_freed_memory
+
+    retain_freed_memory()
+    return "freed host memory retained"
 
 
 def synchronize() -> None:

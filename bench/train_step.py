@@ -24,7 +24,13 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 import torch  # noqa: E402
 
 import racedit  # noqa: E402
-from bench.common import interleaved_wall_and_cpu, peak_step_memory, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_host_memory_flag,
+    interleaved_wall_and_cpu,
+    peak_step_memory,
+    print_table,
+    setup_host_memory,
+)
 from racedit.diffusion import DiffusionConfig, build_objective  # noqa: E402
 from racedit.models import ForwardAux  # noqa: E402
 from racedit.moe.losses import aux_losses  # noqa: E402
@@ -119,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
         help="also time every row torch.compile'd (its own row, ratio to the eager dense row); compiling "
         "takes minutes per model on a small CPU",
     )
+    add_host_memory_flag(p)
     args = p.parse_args(argv)
+    host_memory = setup_host_memory(args)
     if args.device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
     wanted = [w for w in (args.filter or "").split(",") if w]
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(
         f"Training step vs {base} (D={args.hidden_size}, depth={args.depth}, "
         f"L={(args.input_size // args.patch) ** 2} tokens, batch={args.batch_size}, {args.objective}, "
-        f"{args.device}; medians of {args.repeats} interleaved rounds; AdamW {resolve_adamw_impl('auto', args.device)})",
+        f"{args.device}; medians of {args.repeats} interleaved rounds; AdamW {resolve_adamw_impl('auto', args.device)}"
+        f"{', ' + host_memory if host_memory else ''})",
         ["model", "images/s", "wall ratio", "CPU-time ratio", "peak MiB", "memory ratio"],
         rows,
     )

@@ -60,6 +60,9 @@ class TrainConfig:
         None  # CPU threads for torch (None = torch's default); 1 is fastest on a busy CPU
     )
     gradient_checkpointing: bool = False  # recompute each block in the backward pass
+    # on CPU, keep freed host memory in the process (glibc mallopt) so that each step does not page-fault its
+    # activations back in (racedit/training/host_memory.py); no effect on GPU runs or without glibc
+    retain_host_memory: bool = True
     # data parallelism under a multi-process launch: "ddp" replicates model, gradients, AdamW state and EMA;
     # "fsdp" shards all four over the processes (torch FSDP2 per DiT block, racedit/training/sharded.py)
     distributed: Literal["ddp", "fsdp"] = "ddp"

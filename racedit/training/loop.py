@@ -64,6 +64,7 @@ from racedit.training.config import RunConfig
 from racedit.training.data import BatchStream
 from racedit.training.ema import EMA
 from racedit.training.export import export_model, finish_export
+from racedit.training.host_memory import retain_freed_memory
 from racedit.training.logging import (
     JsonlWriter,
     ScalarWindow,
@@ -159,6 +160,7 @@ class Trainer:
         self.ema: EMA | None = None
         self.fsdp = cfg.train.distributed == "fsdp"
         self.optimizer_impl: str | None = None
+        self.host_memory: str | None = None  # what train.retain_host_memory did (CPU runs)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.stream: BatchStream | None = None
         self.noise: torch.Generator | None = None  # this process's diffusion noise
@@ -258,6 +260,9 @@ class Trainer:
                 raise ConfigError(reason)
             sharded.shard(model, self.device, tc.fsdp_reshard_after_forward)
             sharded.shard(self.ema.model, self.device)
+        self.host_memory = (
+            retain_freed_memory() if tc.retain_host_memory and self.device.type == "cpu" else None
+        )
         optimizer, self.optimizer_impl = build_adamw(
             model.optimizer_param_groups(tc.weight_decay),
             lr=tc.lr,
@@ -311,6 +316,8 @@ class Trainer:
             f"{self.world} process(es) x {self.micro_batch} x {tc.grad_accum} accumulation = "
             f"{tc.global_batch_size} per step, AdamW {self.optimizer_impl} (train.optimizer_impl={tc.optimizer_impl})"
         )
+        if self.host_memory:
+            self.log(f"{self.host_memory} (train.retain_host_memory=true)")
 
     def resume(self, model: DiT, optimizer: torch.optim.Optimizer) -> Path | None:
         """Restore everything from the chosen checkpoint (rules: ``racedit/training/resume.py``)."""
