@@ -130,6 +130,7 @@ class _SinkhornScaling(torch.autograd.Function):
             torch.sum(torch.mul(p0, r_k[k], out=prod), 0, keepdim=True, out=c_k[k])
             c_k[k].reciprocal_()  # then its columns
         ctx.save_for_backward(p0, kept, rs, cs)
+        ctx.views = r_k, c_k  # the stacks' per-iteration views, made once (each view is an op when made)
         out = prod.copy_(p0).mul_(rs[-1]).mul_(cs[-1]).permute(2, 0, 1)  # (T, n, n)
         # contiguous (T, n, n): a token-strided batch would send bmm down its one-matrix-at-a-time path
         return out.to(logits.dtype, memory_format=torch.contiguous_format).view(logits.shape)
@@ -152,7 +153,8 @@ class _SinkhornScaling(torch.autograd.Function):
         grad_p0 = g.mul_(r).mul_(c)  # the output's direct dL/dP0
         gus = torch.mul(cs, cs)  # c_k^2, overwritten below by -dL/du_k
         gvs = torch.mul(rs, rs)  # r_k^2, overwritten below by dL/dv_k
-        gu_k, gv_k, r_k, c_k = gus.unbind(0), gvs.unbind(0), rs.unbind(0), cs.unbind(0)
+        gu_k, gv_k = gus.unbind(0), gvs.unbind(0)
+        r_k, c_k = ctx.views
         prod = torch.empty_like(p0)
         for k in range(K - 1, -1, -1):  # iteration k + 1 of the forward
             gu = gu_k[k].mul_(grad_c)  # -dL/du = c^2 dL/dc
