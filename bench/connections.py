@@ -15,6 +15,10 @@ Peak memory of a step:
 
     python -m bench.connections                       # CPU, the default small DiT
     python -m bench.connections --variants HCx2,FCx4 --repeats 11
+
+On CPU the freed host memory stays in the process, as the trainer keeps it (``train.retain_host_memory``,
+docs/design.md "Host memory on CPU"); ``--glibc-malloc-defaults`` measures with glibc's defaults instead, where
+each step page-faults its activations back in (more for the n-wide states of HC and mHC).
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import racedit  # noqa: E402
-from bench.common import interleaved_wall_and_cpu, peak_step_memory, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_host_memory_flag,
+    interleaved_wall_and_cpu,
+    peak_step_memory,
+    print_table,
+    setup_host_memory,
+)
 from racedit.models.dit import DiT  # noqa: E402
 from racedit.training.optim import build_adamw, resolve_adamw_impl  # noqa: E402
 
@@ -87,7 +97,7 @@ def fast_vs_reference(args: argparse.Namespace) -> None:
         "HCx2 (static, streams first)": (HyperConnection(D, 2, 1, streams_first=True), (2, B, L, D)),
         "HCx4 (static, streams first)": (HyperConnection(D, 4, 1, streams_first=True), (4, B, L, D)),
         "DHCx2": (HyperConnection(D, 2, 1, dynamic=True), (B, L, 2, D)),
-        "FCx4": (FracConnection(D, 4), (B, L, D)),
+        "FCx4 (static, fractions first)": (FracConnection(D, 4, fractions_first=True), (4, B, L, D // 4)),
         "DFCx4": (FracConnection(D, 4, dynamic=True), (B, L, D)),
         "mHCx4": (ManifoldHyperConnection(D, 4, 1), (B, L, 4, D)),
     }
@@ -143,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--paths", action="store_true", help="instead: each connection's fast path against its reference"
     )
+    add_host_memory_flag(parser)
     args = parser.parse_args(argv)
+    host_memory = setup_host_memory(args)
     torch.set_num_threads(args.threads)
     if args.paths:
         return fast_vs_reference(args)
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Connections: one training step vs the residual DiT (D={args.hidden_size}, depth={args.depth}, "
         f"L={L} tokens, batch={args.batch_size}, {args.device}; medians of {args.repeats} interleaved repeats; "
         f"peak memory: {'profiler allocation events' if args.device == 'cpu' else 'CUDA allocator'}; "
-        f"AdamW {resolve_adamw_impl('auto', args.device)})",
+        f"AdamW {resolve_adamw_impl('auto', args.device)}{', ' + host_memory if host_memory else ''})",
         [
             "variant",
             "step CPU ms",

@@ -3,12 +3,12 @@
 One interface (``racedit.connections.base``), one registry: ``VARIANTS`` maps a ``ConnectionConfig.kind``
 to the module that builds its model-level ``Stream`` and its per-sublayer ``Connection``.
 
-| kind       | module        | stream state  | per-sublayer parameters (static; + dynamic)        |
-|------------|---------------|---------------|----------------------------------------------------|
-| "residual" | ``base``      | (B, L, D)     | none                                               |
-| "hc"       | ``hyper``     | (B, L, n, D)  | n(n+2); + D(n+2) + 2                               |
-| "fc"       | ``frac``      | (B, L, D)     | m(2m+1); + (D/m)(2m+1) + 2                         |
-| "mhc"      | ``manifold``  | (B, L, n, D)  | n(n+2) + 3 + nD(n^2+2n) (always input-dependent)   |
+| kind       | module        | stream state                                 | per-sublayer parameters (static; + dynamic)      |
+|------------|---------------|----------------------------------------------|--------------------------------------------------|
+| "residual" | ``base``      | (B, L, D)                                    | none                                             |
+| "hc"       | ``hyper``     | static (n, B, L, D); dynamic (B, L, n, D)    | n(n+2); + D(n+2) + 2                             |
+| "fc"       | ``frac``      | static (m, B, L, D/m); dynamic (B, L, D)     | m(2m+1); + (D/m)(2m+1) + 2                       |
+| "mhc"      | ``manifold``  | (B, L, n, D)                                 | n(n+2) + 3 + nD(n^2+2n) (always input-dependent) |
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from racedit.connections import frac, hyper, manifold
 from racedit.connections.base import Branch, Connection, Residual, Stream
 from racedit.connections.config import ConnectionConfig
-from racedit.connections.frac import FracConnection
+from racedit.connections.frac import FracConnection, FracStream
 from racedit.connections.hyper import HyperConnection, HyperStream
 from racedit.connections.manifold import ManifoldHyperConnection, sinkhorn
 
@@ -57,6 +57,7 @@ __all__ = [
     "Connection",
     "ConnectionConfig",
     "FracConnection",
+    "FracStream",
     "HyperConnection",
     "HyperStream",
     "ManifoldHyperConnection",

@@ -102,23 +102,36 @@ class _SinkhornScaling(torch.autograd.Function):
     """Layout: tokens last. P0 is (n, n, T) with P0[i, j, t], a row scaling r is (n, 1, T), a column scaling c is
     (1, n, T), so a mat-vec over all T matrices is one broadcast multiply and one sum, contiguous along the
     tokens (about half the time of a batched bmm of T tiny matrices on CPU), and an outer product is one
-    broadcast multiply-add."""
+    broadcast multiply-add.
+
+    Per iteration the forward spends six small ops (multiply, sum, reciprocal, for rows then columns) and writes
+    r_k and c_k into preallocated stacks (K, n, 1, T) and (K, 1, n, T) that the backward reads: it recomputes
+    nothing. At these sizes (n^2 T = 8192 numbers) each op costs its dispatch (~3-5 us on CPU), not its
+    arithmetic, so the op count is the cost: float32 would be no faster and is not used."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, iters: int) -> Tensor:  # (..., n, n) -> (..., n, n)
         n = logits.shape[-1]
         x = logits.detach().reshape(-1, n, n).permute(1, 2, 0)  # (n, n, T)
         x = x.to(torch.float64, memory_format=torch.contiguous_format)
+        T = x.shape[-1]
         shifted = x - x.amax(dim=1, keepdim=True)
         kept = shifted > SINKHORN_FLOOR  # (n, n, T) where the gradient flows
         p0 = shifted.clamp_(min=SINKHORN_FLOOR).exp_()  # (n, n, T), contiguous
-        rs, cs = [], [p0.new_ones(1, n, p0.shape[-1])]  # c_0 = 1
-        for _ in range(iters):
-            rs.append((p0 * cs[-1]).sum(1, keepdim=True).reciprocal_())  # rows of diag(r) P0 diag(c) sum to 1
-            cs.append((p0 * rs[-1]).sum(0, keepdim=True).reciprocal_())  # then its columns
-        # P0 and the K + 1 column scalings; the backward recomputes each r_k from c_{k-1}
-        ctx.save_for_backward(p0, kept, *cs)
-        out = (rs[-1] * p0).mul_(cs[-1]).permute(2, 0, 1)  # (T, n, n)
+        rs = p0.new_empty(iters, n, 1, T)  # r_1..r_K
+        cs = p0.new_empty(iters, 1, n, T)  # c_1..c_K (c_0 = 1)
+        r_k, c_k = rs.unbind(0), cs.unbind(0)  # views, made once (indexing costs an op each time)
+        prod = torch.empty_like(p0)
+        torch.sum(p0, 1, keepdim=True, out=r_k[0])  # P0 c_0 with c_0 = 1
+        for k in range(iters):
+            if k:
+                torch.sum(torch.mul(p0, c_k[k - 1], out=prod), 1, keepdim=True, out=r_k[k])
+            r_k[k].reciprocal_()  # rows of diag(r) P0 diag(c) sum to 1
+            torch.sum(torch.mul(p0, r_k[k], out=prod), 0, keepdim=True, out=c_k[k])
+            c_k[k].reciprocal_()  # then its columns
+        ctx.save_for_backward(p0, kept, rs, cs)
+        ctx.views = r_k, c_k  # the stacks' per-iteration views, made once (each view is an op when made)
+        out = prod.copy_(p0).mul_(rs[-1]).mul_(cs[-1]).permute(2, 0, 1)  # (T, n, n)
         # contiguous (T, n, n): a token-strided batch would send bmm down its one-matrix-at-a-time path
         return out.to(logits.dtype, memory_format=torch.contiguous_format).view(logits.shape)
 
@@ -127,28 +140,34 @@ class _SinkhornScaling(torch.autograd.Function):
         """Reverse of the unrolled iterations. With u_k = P0^T r_k (c_k = 1/u_k) and v_k = P0 c_{k-1}
         (r_k = 1/v_k): dL/du_k = -c_k^2 dL/dc_k, dL/dr_k = P0 dL/du_k (+ the output's term at k = K),
         dL/dv_k = -r_k^2 dL/dr_k, dL/dc_{k-1} = P0^T dL/dv_k, and P0 collects r_k (dL/du_k)^T + (dL/dv_k) c_{k-1}^T.
-        ``gu`` and ``w`` below hold -dL/du_k and -dL/dr_k (the signs cancel in pairs)."""
-        p0, kept, *cs = ctx.saved_tensors  # c_0..c_K, (1, n, T)
-        K = len(cs) - 1
-        n = p0.shape[0]
-        r = (p0 * cs[K - 1]).sum(1, keepdim=True).reciprocal_()  # r_K, (n, 1, T)
+        ``gu`` and ``w`` below hold -dL/du_k and -dL/dr_k (the signs cancel in pairs); eight small ops per
+        iteration (two mat-vecs of two ops each, two scalings, two outer products accumulated in place)."""
+        p0, kept, rs, cs = ctx.saved_tensors  # (n, n, T), (K, n, 1, T), (K, 1, n, T)
+        K, n = rs.shape[0], p0.shape[0]
         g = grad.reshape(-1, n, n).permute(1, 2, 0)  # (n, n, T)
         g = g.to(torch.float64, memory_format=torch.contiguous_format)
+        r, c = rs[-1], cs[-1]
         gp = g * p0
-        grad_r = (gp * cs[K]).sum(1, keepdim=True)  # the output's dL/dr_K
-        grad_c = gp.mul_(r).sum(0, keepdim=True)  # dL/dc_K
-        grad_p0 = (g * r).mul_(cs[K])  # the output's direct dL/dP0
-        for k in range(K, 0, -1):
-            c, c_prev = cs[k], cs[k - 1]
-            if k < K:  # r_k = 1 / (P0 c_{k-1}), recomputed: the same ops as in forward, the same value
-                r = (p0 * c_prev).sum(1, keepdim=True).reciprocal_()
-            gu = grad_c.mul_(c).mul_(c)  # -dL/du_k
-            w = (p0 * gu).sum(1, keepdim=True)  # -dL/dr_k
-            if k == K:
+        grad_r = (gp * c).sum(1, keepdim=True)  # the output's dL/dr_K, (n, 1, T)
+        grad_c = gp.mul_(r).sum(0, keepdim=True)  # dL/dc_K, (1, n, T)
+        grad_p0 = g.mul_(r).mul_(c)  # the output's direct dL/dP0
+        gus = torch.mul(cs, cs)  # c_k^2, overwritten below by -dL/du_k
+        gvs = torch.mul(rs, rs)  # r_k^2, overwritten below by dL/dv_k
+        gu_k, gv_k = gus.unbind(0), gvs.unbind(0)
+        r_k, c_k = ctx.views
+        prod = torch.empty_like(p0)
+        for k in range(K - 1, -1, -1):  # iteration k + 1 of the forward
+            gu = gu_k[k].mul_(grad_c)  # -dL/du = c^2 dL/dc
+            w = torch.sum(torch.mul(p0, gu, out=prod), 1, keepdim=True)  # -dL/dr (iteration k + 1's part)
+            if k == K - 1:
                 w = w.sub_(grad_r)
-            gv = w.mul_(r).mul_(r)  # dL/dv_k
-            grad_p0.addcmul_(r, gu, value=-1.0).addcmul_(gv, c_prev)
-            grad_c = (p0 * gv).sum(0, keepdim=True)  # dL/dc_{k-1}
+            gv = gv_k[k].mul_(w)  # dL/dv = r^2 (-dL/dr)
+            grad_p0.addcmul_(r_k[k], gu, value=-1.0)
+            if k:
+                grad_p0.addcmul_(gv, c_k[k - 1])
+                grad_c = torch.sum(torch.mul(p0, gv, out=prod), 0, keepdim=True)  # dL/dc_{k}
+            else:
+                grad_p0.add_(gv)  # c_0 = 1
         grad_x = grad_p0.mul_(p0).masked_fill_(~kept, 0.0)  # through P0 = exp(x - rowmax)
         grad_x = grad_x.permute(2, 0, 1).to(grad.dtype, memory_format=torch.contiguous_format)
         return grad_x.view(grad.shape), None
@@ -158,49 +177,104 @@ RMS_EPS = 1e-6  # the RMSNorm's eps of the coefficient projection
 
 
 class _ReadAndLogits(torch.autograd.Function):
-    """mHC's reads of the state before its branch, as one autograd node: the coefficient logits
-    z = proj(x) / rms(x) (x the flattened state, (T, n D)) and the sublayer input h0 = H_pre^T H with
-    H_pre = sigmoid(a_pre z_pre + b_pre).
+    """mHC's work on the state before its branch, as one autograd node: the coefficient logits
+    z = proj(x) / rms(x) (x the flattened state, (T, n D)); from them H_pre = sigmoid(a_pre z_pre + b_pre),
+    H_post = 2 sigmoid(a_post z_post + b_post) and the Sinkhorn logits a_res z_res + b_res; and the sublayer
+    input h0 = H_pre^T H. Its last output is the state itself (an alias, for ``_MixAndWrite``).
 
     Why one node: under autograd these are three consumers of the n-wide state (the norm, the projection, the
     read), each handing back its own (T, n, D) gradient that the engine then adds up, and the norm's backward
-    alone spends three passes. Here the backward writes the state's gradient once,
-    ``c x + (dL/dz / rms) W + H_pre (dL/dh0)^T`` (c a per-token scalar from the norm), in three in-place passes.
+    alone spends three passes; the coefficients are some twenty small ops, each an autograd node. Here the
+    backward writes the state's gradient once, ``c x + (dL/dz / rms) W + H_pre (dL/dh0)^T`` (c a per-token scalar
+    from the norm), in three in-place passes, and the coefficients' derivatives are a dozen small ops.
+
+    Why the alias: the write after the branch (``_MixAndWrite``) is the state's fourth consumer. It reads the
+    alias, so its state gradient ``H_res (dL/dnew)`` arrives here as the alias's gradient, a tensor that only
+    ``_MixAndWrite.backward`` made and nothing else holds; the three terms above are accumulated onto it in
+    place, instead of into a second (T, n, D) tensor that the engine would add to the first.
     The formulas are the plain chain rule; ``tests/connections/test_fast_paths.py`` checks them against
     autograd through the reference path."""
 
     @staticmethod
-    def forward(ctx, state: Tensor, weight: Tensor, pre_scale: Tensor, pre_bias: Tensor):
+    def forward(ctx, state, weight, pre_scale, pre_bias, post_scale, post_bias, res_scale, res_bias):
         T, n, D = state.shape
         x = state.view(T, n * D)
         inv_rms = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / (n * D) + RMS_EPS)
         z = torch.mm(x, weight.t()).mul_(inv_rms)  # (T, 2n + n^2)
-        pre = torch.sigmoid(pre_scale * z[:, :n] + pre_bias)  # (T, n)
+        pre = torch.sigmoid(torch.addcmul(pre_bias, z[:, :n], pre_scale))  # (T, n)
+        post = torch.sigmoid(torch.addcmul(post_bias, z[:, n : 2 * n], post_scale)).mul_(2.0)  # (T, n)
+        res_logits = torch.addcmul(res_bias.view(-1), z[:, 2 * n :], res_scale).view(T, n, n)  # (T, n, n)
         h0 = torch.bmm(pre.unsqueeze(1), state).squeeze(1)  # (T, D)
-        ctx.save_for_backward(state, weight, pre_scale, z, inv_rms, pre)
-        return h0, z
+        ctx.save_for_backward(state, weight, pre_scale, post_scale, res_scale, z, inv_rms, pre, post)
+        return h0, post, res_logits, state.view_as(state)
 
     @staticmethod
-    def backward(ctx, grad_h0: Tensor | None, grad_z: Tensor | None):
-        state, weight, pre_scale, z, inv_rms, pre = ctx.saved_tensors
+    def backward(ctx, grad_h0, grad_post, grad_res_logits, grad_alias):
+        state, weight, pre_scale, post_scale, res_scale, z, inv_rms, pre, post = ctx.saved_tensors
         T, n, D = state.shape
         x = state.view(T, n * D)
-        grad_z = torch.zeros_like(z) if grad_z is None else grad_z.clone()
         if grad_h0 is None:
             grad_h0 = state.new_zeros(T, D)
-        # the read h0 = sum_i pre_i H_i, then pre = sigmoid(a z_pre + b)
-        grad_pre = torch.bmm(state, grad_h0.unsqueeze(-1)).squeeze(-1)  # (T, n): <H_i, dL/dh0>
-        d = grad_pre * pre * (1 - pre)  # dL/d(a z_pre + b)
-        grad_scale = (d * z[:, :n]).sum().reshape(pre_scale.shape)
-        grad_bias = d.sum(0)
-        grad_z[:, :n] += pre_scale * d
+        grad_post = torch.zeros_like(post) if grad_post is None else grad_post
+        grad_res = z.new_zeros(T, n * n) if grad_res_logits is None else grad_res_logits.reshape(T, n * n)
+        # the read h0 = sum_i pre_i H_i; <H_i, dL/dh0> as a (1 x D) @ (D x n) product per token (the
+        # (n x D) @ (D x 1) form is ~2.5x slower on CPU)
+        grad_pre = torch.bmm(grad_h0.unsqueeze(1), state.transpose(1, 2)).squeeze(1)  # (T, n)
+        d_pre = grad_pre.mul_(pre * (1 - pre))  # dL/d(a z_pre + b): sigmoid' = s (1 - s)
+        d_post = grad_post * post * (1 - 0.5 * post)  # post = 2 s: d post / d(a z + b) = 2 s (1 - s)
+        z_pre, z_post, z_res = z[:, :n], z[:, n : 2 * n], z[:, 2 * n :]
+        grad_pre_scale = (d_pre * z_pre).sum().reshape(pre_scale.shape)
+        grad_post_scale = (d_post * z_post).sum().reshape(post_scale.shape)
+        grad_res_scale = (grad_res * z_res).sum().reshape(res_scale.shape)
+        grad_z = torch.cat(
+            [d_pre * pre_scale, d_post * post_scale, grad_res * res_scale], dim=1
+        )  # (T, 2n + n^2)
         # z = (x W^T) s with s = (|x|^2 / (n D) + eps)^(-1/2): ds/dx = -s^3 x / (n D), dL/ds = sum_k dL/dz_k z_k / s
-        grad_raw = grad_z * inv_rms  # dL/d(x W^T)
-        coef = (grad_z * z).sum(-1, keepdim=True) * inv_rms.square() / -(n * D)  # (T, 1)
+        grad_raw = grad_z.mul_(inv_rms)  # dL/d(x W^T)
+        coef = (
+            (grad_raw * z).sum(-1, keepdim=True).mul_(inv_rms / -(n * D))
+        )  # (T, 1): (dL/dz . z) s^2 / -(n D)
         grad_weight = torch.mm(grad_raw.t(), x)
-        grad_x = torch.mul(x, coef).addmm_(grad_raw, weight)  # (T, n D)
-        grad_state = grad_x.view(T, n, D).baddbmm_(pre.unsqueeze(-1), grad_h0.unsqueeze(1))
-        return grad_state, grad_weight, grad_scale, grad_bias
+        if grad_alias is None or not grad_alias.is_contiguous():
+            grad_state = torch.zeros_like(state) if grad_alias is None else grad_alias.contiguous()
+        else:
+            grad_state = grad_alias  # made by _MixAndWrite.backward alone: accumulated onto in place
+        grad_state.view(T, n * D).addmm_(grad_raw, weight).addcmul_(x, coef)
+        grad_state.baddbmm_(pre.unsqueeze(-1), grad_h0.unsqueeze(1))
+        return (
+            grad_state,
+            grad_weight,
+            grad_pre_scale,
+            d_pre.sum(0),
+            grad_post_scale,
+            d_post.sum(0),
+            grad_res_scale,
+            grad_res.sum(0).view(n, n),
+        )
+
+
+class _MixAndWrite(torch.autograd.Function):
+    """mHC's write after the branch, ``new = H_res^T H + H_post out^T`` per token ((T, n, D) from (T, n, n),
+    (T, n, D), (T, n), (T, D)), as one node: one batched (n x n) @ (n x D) product and a rank-1 update in place.
+    Its backward spends one batched product per input, each in the form that is fast on CPU: the reductions over
+    D (dL/dH_res, dL/dH_post) as (rows x D) @ (D x n) products, where autograd's baddbmm backward takes the
+    (n x D) @ (D x 1) form (~2.5x slower)."""
+
+    @staticmethod
+    def forward(ctx, state: Tensor, res: Tensor, post: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(state, res, post, out)
+        mixed = torch.bmm(res.transpose(1, 2), state)  # (T, n, D)
+        return mixed.baddbmm_(post.unsqueeze(-1), out.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        state, res, post, out = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_state = torch.bmm(res, grad)  # (T, n, D)
+        grad_res = torch.bmm(state, grad.transpose(1, 2))  # (T, n, n): [i, j] = <H_i, dL/dnew_j>
+        grad_post = torch.bmm(out.unsqueeze(1), grad.transpose(1, 2)).squeeze(1)  # (T, n)
+        grad_out = torch.bmm(post.unsqueeze(1), grad).squeeze(1)  # (T, D)
+        return grad_state, grad_res, grad_post, grad_out
 
 
 class ManifoldHyperConnection(Connection):
@@ -265,20 +339,24 @@ class ManifoldHyperConnection(Connection):
         return pre, project(res_logits, self.sinkhorn_iters), post
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, n, D) -> (B, L, n, D)
-        """The fast path: everything read from the state before the branch (RMS, projection, H_pre, the read) in
-        one node, ``_ReadAndLogits``, then H_post and Sinkhorn on the (T, 2n + n^2) logits, then the mix and write
-        as batched products (``mix_streams``' per-token path)."""
+        """The fast path: everything read from the state before the branch (RMS, projection, the coefficients, the
+        read) in one node, ``_ReadAndLogits``, then Sinkhorn, then the mix and write in one node,
+        ``_MixAndWrite``, whose state gradient the first node accumulates onto."""
         *lead, n, D = state.shape
         flat = state.reshape(-1, n, D).contiguous()  # (T, n, D); a copy only of the expanded first state
-        h0, z = _ReadAndLogits.apply(
-            flat, self.proj.weight, self.pre_scale, self.pre_bias
-        )  # (T, D), (T, 2n + n^2)
-        post = 2 * torch.sigmoid(self.post_scale * z[:, n : 2 * n] + self.post_bias)  # (T, n)
-        res_logits = self.res_scale * z[:, 2 * n :].unflatten(-1, (n, n)) + self.res_bias
+        h0, post, res_logits, alias = _ReadAndLogits.apply(
+            flat,
+            self.proj.weight,
+            self.pre_scale,
+            self.pre_bias,
+            self.post_scale,
+            self.post_bias,
+            self.res_scale,
+            self.res_bias,
+        )  # (T, D), (T, n), (T, n, n), (T, n, D)
         res = sinkhorn_fast(res_logits, self.sinkhorn_iters)  # (T, n, n)
         out = branch(h0.view(*lead, D))  # (B, L, D)
-        mixed = torch.bmm(res.transpose(-1, -2), flat)  # (T, n, D); bmm's backward reads inputs, not output
-        return mixed.baddbmm_(post.unsqueeze(-1), out.reshape(-1, 1, D)).view(state.shape)
+        return _MixAndWrite.apply(alias, res, post, out.reshape(-1, D)).view(state.shape)
 
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
         """The plain path: log-domain Sinkhorn under autograd, einsum read/mix/write."""

@@ -71,6 +71,12 @@ def test_fc_matmul_path(rate: int, dynamic: bool) -> None:
     _check(conn, torch.randn(B, L, D, dtype=torch.float64), **EXACT)
 
 
+@pytest.mark.parametrize("rate", [1, 2, 4])
+def test_static_fc_fractions_first_gemm_path(rate: int) -> None:
+    conn = FracConnection(D, rate, fractions_first=True).double()
+    _check(conn, torch.randn(rate, B, L, D // rate, dtype=torch.float64), **EXACT)
+
+
 @pytest.mark.parametrize("rate", [2, 4])
 def test_mhc_fast_path_matches_the_reference_in_float32(rate: int) -> None:
     conn = ManifoldHyperConnection(D, rate, index=1, sinkhorn_iters=20)
@@ -120,3 +126,41 @@ def test_sinkhorn_fast_matches_the_log_domain_reference(spread: float) -> None:
     # 40, against the fast path's float64; gradients go back through the same 40 steps
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-5)
+
+
+def _fast_path_nodes():
+    """The fast paths whose read node accumulates the state gradient in place onto the write node's."""
+    return {
+        "mHCx2": (ManifoldHyperConnection(D, 2, index=1, sinkhorn_iters=5).double(), (B, L, 2, D)),
+        "FCx4 fractions first": (FracConnection(D, 4, fractions_first=True).double(), (4, B, L, D // 4)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_fast_path_nodes()))
+@pytest.mark.parametrize("uses_input", [True, False])
+def test_in_place_state_gradient_keeps_other_consumers_gradients(name: str, uses_input: bool) -> None:
+    """The read node adds its terms onto the write node's state gradient in place. The state's other consumers
+    (here a second use of the state, and a branch that ignores its input, so that no gradient reaches h0)
+    must still receive exactly their own gradient: fast path and reference agree in float64."""
+    conn, shape = _fast_path_nodes()[name]
+    _randomize(conn)
+    g = torch.Generator().manual_seed(4)
+    state0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    cotangent = torch.randn(shape, generator=g, dtype=torch.float64)
+    fixed = torch.randn(D, generator=g, dtype=torch.float64)
+    branch = _branch(torch.float64) if uses_input else (lambda h: torch.tanh(fixed).expand(h.shape))
+    results = []
+    for fn_name in ("forward", "reference_forward"):
+        state = state0.clone().requires_grad_(True)
+        conn.zero_grad(set_to_none=True)
+        out = getattr(conn, fn_name)(state, branch) + 0.5 * state.square()
+        (out * cotangent).sum().backward()
+        results.append((out.detach(), state.grad, {n: p.grad for n, p in conn.named_parameters()}))
+    (fast, fast_grad, fast_params), (ref, ref_grad, ref_params) = results
+    torch.testing.assert_close(fast, ref, **EXACT)
+    torch.testing.assert_close(fast_grad, ref_grad, **EXACT)
+    for n, grad in ref_params.items():
+        if grad is None:  # a parameter the branch never reaches (the read weights when h0 is unused)
+            assert fast_params[n] is None or torch.count_nonzero(fast_params[n]) == 0, n
+        else:
+            torch.testing.assert_close(fast_params[n], grad, **EXACT, msg=lambda m, n=n: f"{n}: {m}")
