@@ -506,13 +506,6 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
-    def sampling_model(self) -> torch.nn.Module | None:
-        """The EMA model with full weights on the main process, for the demo report. FSDP: gathered from the
-        shards (a collective every process calls; None on the others)."""
-        if not self.fsdp:
-            return self.ema.model
-        return sharded.full_model(self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)).to(self.device))
-
     def write_grid(self, name: str) -> Path | None:
         """A labelled grid ``samples/<name>.png`` from the EMA model, written by the main process; None when
         the VAE is unavailable. Every process calls it: under FSDP all sample the same grid in lockstep from
@@ -668,14 +661,12 @@ class Trainer:
             export_dir = save_full(
                 self.ema.model, lambda: DiT(**model_kwargs(self.model_cfg)), self.out / "final"
             )
-        # the demo report samples from the full model on the main process (FSDP: gathered for it)
-        ema_model = self.sampling_model() if not self.fsdp or sc.report_per_class else None
         if acc.is_main_process:
             if self.fsdp:  # the weights are written: add sampling.json and the manifest
                 export_dir = finish_export(export_dir, self.dataset, self.cfg.diffusion, self.model_cfg)
             else:
                 export_dir = export_model(
-                    ema_model, self.out / "final", self.dataset, self.cfg.diffusion, self.model_cfg
+                    self.ema.model, self.out / "final", self.dataset, self.cfg.diffusion, self.model_cfg
                 )
             self.log(f"exported the EMA model to {export_dir} (racedit-sample / sample.py reads it)")
         grid = self.write_grid("final") if sc.final_grid else None  # every process (FSDP: in lockstep)
@@ -688,16 +679,8 @@ class Trainer:
                 )
                 if curve is not None:
                     self.log(f"loss curve: {curve}")
-            if self.cfg.sample.report_per_class > 0:
-                report = demo_report(
-                    self.cfg.data,
-                    lambda labels, seed: self.preview.images(ema_model, labels, seed),
-                    per_class=self.cfg.sample.report_per_class,
-                    seed=self.cfg.sample.seed + 10_000,
-                    out_dir=self.out / "report",
-                    log=self.log,
-                    training=self.training_summary(),
-                )
+        if sc.report_per_class > 0:
+            report = self.report()
         acc.wait_for_everyone()
         return TrainResult(
             step=self.step,
@@ -709,6 +692,30 @@ class Trainer:
             report=report,
             stopped_early=self.stopped_early,
         )
+
+    def report(self) -> dict[str, Any]:
+        """The demo report from the EMA model, written by the main process ({} on the others). Every process
+        calls it: under FSDP the others sample in lockstep whatever the report asks (``sharded.sampled_by_main``),
+        so the full model is never gathered."""
+        sc = self.cfg.sample
+
+        def write(sample_fn: Any) -> dict[str, Any]:
+            return demo_report(
+                self.cfg.data,
+                sample_fn,
+                per_class=sc.report_per_class,
+                seed=sc.seed + 10_000,
+                out_dir=self.out / "report",
+                log=self.log,
+                training=self.training_summary(),
+            )
+
+        if not self.fsdp:
+            if not self.accelerator.is_main_process:
+                return {}
+            return write(lambda labels, seed: self.preview.images(self.ema.model, labels, seed))
+        with sharded.sampled_by_main(self.ema.model, self.preview.images, self.device) as sample_fn:
+            return write(sample_fn) if sample_fn is not None else {}
 
     def training_summary(self) -> dict[str, Any]:
         """How the training went, for the demo report: steps done and why it stopped."""

@@ -13,10 +13,11 @@ How the pieces are sharded (every process holds 1/world of each, dim 0 of every 
   ``racedit.training.collectives``.
 - **Gradients** are reduce-scattered by FSDP (means over processes); **AdamW** state follows its parameters.
 - **EMA**: the fp32 EMA copy is sharded the same way and updated shard by shard (``torch._foreach_lerp_`` on
-  their local shards, no DTensor dispatch): no full parameter is gathered per step. Sample grids run on every
-  process in lockstep on the sharded EMA model (``lockstep``: one unit's full weights at a time); the full
-  EMA model is gathered only for the demo report (``full_model``, a collective); the final export streams it
-  one tensor at a time (``save_full``).
+  their local shards, no DTensor dispatch): no full parameter is gathered per step. Sample grids and the
+  demo report sample on every process in lockstep on the sharded EMA model (``lockstep``,
+  ``sampled_by_main``: one unit's full weights at a time), so the full model is never gathered onto one
+  process; the final export streams it one tensor at a time (``save_full``). ``full_model`` gathers it for
+  tools and tests.
 - **Checkpoints**: model, EMA and optimizer go through DCP into ``<checkpoint>/dcp/`` (one file per process +
   ``.metadata``), written inside the trainer's atomic temporary directory and covered by its manifest. DCP
   reshards on load, so a checkpoint written by N processes resumes on M. Its ``.metadata`` is a pickle: we
@@ -239,6 +240,45 @@ def lockstep(model: nn.Module) -> Iterator[nn.Module]:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+
+@contextlib.contextmanager
+def sampled_by_main(
+    model: nn.Module, sample: Callable[[nn.Module, list[int], int], Tensor], device: torch.device
+) -> Iterator[Callable[[list[int], int], Tensor] | None]:
+    """Let code that runs on the main process alone (the demo report) sample from a sharded model.
+
+    On the main process it yields ``sample_fn(labels, seed)``: each call first sends the labels and the seed
+    to the other processes, then every process runs ``sample(model, labels, seed)`` in lockstep (``lockstep``)
+    and the main process returns its images. The other processes get None and wait inside the ``with``,
+    sampling whatever the main process asks, until it leaves the block. Collective: every process enters."""
+    main = dist.get_rank() == 0
+
+    def announce(labels: list[int] | None, seed: int = 0) -> tuple[list[int], int] | None:
+        """The main process's request (None: done), received by the others."""
+        header = torch.tensor([-1 if labels is None else len(labels), seed], dtype=torch.int64, device=device)
+        dist.broadcast(header, src=0)
+        if header[0] < 0:
+            return None
+        payload = torch.tensor(labels if main else [0] * int(header[0]), dtype=torch.int64, device=device)
+        dist.broadcast(payload, src=0)
+        return payload.tolist(), int(header[1])
+
+    def sample_fn(labels: list[int], seed: int) -> Tensor:
+        announce(list(labels), seed)
+        with lockstep(model) as m:
+            return sample(m, list(labels), seed)
+
+    if main:
+        try:
+            yield sample_fn
+        finally:
+            announce(None)  # the others leave
+        return
+    while (request := announce(None)) is not None:
+        with lockstep(model) as m:
+            sample(m, *request)
+    yield None
 
 
 def full_model(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:

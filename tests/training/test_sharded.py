@@ -373,17 +373,21 @@ def test_lockstep_sampling_equals_the_gathered_model(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)  # a bound on a hang, not a timing check
 def test_fsdp_trainer_samples_its_grids_in_lockstep(tmp_path: Path) -> None:
-    # The trainer's sampling under FSDP: a grid every step, the final grid, and train.time_budget_minutes'
-    # probe of the sampling cost before the first step, all on the sharded EMA model with every process taking
-    # part (the probe used to run on the main process alone, whose forward all-gathers could not complete).
+    # The trainer's sampling under FSDP: a grid every step, the final grid, the demo report and
+    # train.time_budget_minutes' probe of the sampling cost before the first step, all on the sharded EMA model
+    # with every process taking part (the probe used to run on the main process alone, whose forward
+    # all-gathers could not complete).
     out = tmp_path / "grids"
     cfg = run_cfg(out, "fsdp", max_steps=2, checkpoint_every=2, time_budget_minutes=60)
-    cfg["sample"] = {**cfg["sample"], "every": 1, "final_grid": True}
+    cfg["sample"] = {**cfg["sample"], "every": 1, "final_grid": True, "report_per_class": 2}
     r = launch(tmp_path, cfg, 2)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert (out / "samples" / "step_00000001.png").is_file()
     assert (out / "samples" / "final.png").is_file()
     assert "sampling batches at" in r.stderr  # the probe ran and was logged
+    # the demo report: the main process scores samples the other process helped draw (sampled_by_main)
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["samples_per_class"] == 2 and 0.0 <= report["generated"]["accuracy"] <= 1.0
 
 
 COMPILE_SCRIPT = r"""
