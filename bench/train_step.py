@@ -4,7 +4,11 @@ All models share one size (width, depth, tokens) and one batch; a Race-DiT k-in-
 g = k spends the same activated expert FLOPs as the dense MLP, so its ratio to dense is the MoE
 overhead (routing, gathers, per-expert matmuls, the optimizer over ~2.3x the parameters); the row
 "race, reference experts" runs the reference expert computation (impl=torch) instead of the device's
-choice (impl=auto: Triton on CUDA; on CPU auto is the reference, so the two rows agree within noise). With ``--compile`` every row is also timed ``torch.compile``'d (``train.compile=true``). One
+choice (impl=auto: Triton on CUDA; on CPU auto is the reference, so the two rows agree within noise). The
+row "dense DiT + unused router (MoE floor)" adds a Race-DiT router to every dense block and differentiates it
+without routing anything: what any Race-DiT costs at least, so Race-DiT minus it is the price of dispatch, the
+experts' extra parameters in AdamW and the auxiliary losses. With ``--compile`` every row is also timed
+``torch.compile``'d (``train.compile=true``). One
 step = the diffusion objective's loss (the run's real loss: DDPM hybrid loss or flow matching, plus the
 MoE auxiliary losses), backward, AdamW.
 Timing is interleaved round-robin with warm-up and repeats; medians of wall and process-CPU time.
@@ -32,7 +36,9 @@ from bench.common import (  # noqa: E402
     setup_host_memory,
 )
 from racedit.diffusion import DiffusionConfig, build_objective  # noqa: E402
+from racedit.interfaces import FeedForward  # noqa: E402
 from racedit.models import ForwardAux  # noqa: E402
+from racedit.moe.layer import Router  # noqa: E402
 from racedit.moe.losses import aux_losses  # noqa: E402
 from racedit.training.optim import build_adamw, resolve_adamw_impl  # noqa: E402
 
@@ -55,16 +61,40 @@ def variants(args: argparse.Namespace) -> dict[str, str | tuple[str, dict]]:
         f"RaceDiT-S/{args.patch}-{args.k}in{args.experts}",
         {"moe": {"router": "race", "impl": "torch", **moe}},
     )
+    # the floor of the MoE overhead: the dense model plus a router of the Race-DiT's shape whose output is
+    # computed and differentiated but not used (no dispatch, no expert parameters): router FLOPs and AdamW
+    # over its parameters only. Race-DiT minus this row is what dispatch, the experts' extra parameters and
+    # the auxiliary losses cost.
+    out["dense DiT + unused router (MoE floor)"] = (f"DiT-S/{args.patch}", {ROUTER_FLOOR: args.experts})
     for conn in CONNECTIONS:
         out[f"dense {conn}"] = (f"DiT-S/{args.patch}-{conn}", {})
         out[f"race {conn}"] = (f"RaceDiT-S/{args.patch}-{args.k}in{args.experts}-{conn}", {"moe": moe})
     return out
 
 
+ROUTER_FLOOR = "router_floor_experts"  # override key of the floor row (not a model option)
+
+
+class RouterFloor(FeedForward):
+    """A dense MLP beside a Race-DiT router (trunk D x D + GELU, gating head D x E) whose logits enter the
+    output multiplied by zero: the router's forward and backward run in full, nothing is routed."""
+
+    def __init__(self, mlp: FeedForward, dim: int, num_experts: int):
+        super().__init__()
+        self.mlp = mlp
+        self.router = Router(dim, num_experts, target_dim=None)
+
+    def forward(self, h: torch.Tensor, aux: ForwardAux | None = None) -> torch.Tensor:
+        _, logits = self.router(h.reshape(-1, h.shape[-1]))
+        return self.mlp(h) + 0.0 * logits.sum()
+
+
 def make_step(
     name: str, overrides: dict, args: argparse.Namespace, compiled: bool = False
 ) -> Callable[[], None]:
     torch.manual_seed(0)
+    overrides = dict(overrides)
+    floor_experts = overrides.pop(ROUTER_FLOOR, None)
     model = racedit.build_model(
         name,
         input_size=args.input_size,
@@ -75,7 +105,11 @@ def make_step(
         num_heads=args.num_heads,
         learn_sigma=args.objective == "ddpm",
         **overrides,
-    ).to(args.device)
+    )
+    if floor_experts:
+        for block in model.blocks:
+            block.mlp = RouterFloor(block.mlp, args.hidden_size, floor_experts)
+    model = model.to(args.device)
     model.train()
     net = torch.compile(model) if compiled else model  # train.compile=true does the same
     objective = build_objective(DiffusionConfig(objective=args.objective), learn_sigma=model.arch.learn_sigma)
