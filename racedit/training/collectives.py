@@ -8,7 +8,7 @@ model's block (2.7 MiB; ``python -m bench.distributed --parts train``, process C
 runs on a loaded machine):
 
 - ``AllReduceReduceScatter``: an all-reduce in place on FSDP2's reduce-scatter input, then this process's chunk
-  (divided by the world size for FSDP2's mean), takes 0.67-0.68x the CPU time of gloo's
+  (divided by the world size for FSDP2's mean), takes 0.67-0.72x the CPU time of gloo's
   ``reduce_scatter_single``. With two processes the sum is ``g0 + g1`` either way and halving is exact:
   bitwise the same gradients.
 - ``BroadcastAllGather``: one broadcast per process into its slot of the output, issued together and then
