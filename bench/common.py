@@ -42,8 +42,9 @@ def add_host_memory_flag(parser: argparse.ArgumentParser) -> None:
 
 def setup_host_memory(args: argparse.Namespace) -> str:
     """Do what the trainer does with host memory on this device; returns a note for the table title."""
-    if args.device != "cpu" or args.glibc_malloc_defaults:
-        return "glibc malloc defaults" if args.device == "cpu" else ""
+    device = getattr(args, "device", "cpu")  # CPU-only benchmarks have no --device
+    if device != "cpu" or args.glibc_malloc_defaults:
+        return "glibc malloc defaults" if device == "cpu" else ""
     from racedit.training.host_memory import retain_freed_memory
 
     retain_freed_memory()

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.common import add_host_memory_flag, print_table
+from bench.common import add_host_memory_flag, print_table, setup_host_memory
 
 LAYERS_XL = 28  # MoE layers of RaceDiT-XL/2-4in32 (every block)
 
@@ -400,10 +400,7 @@ def _export_bench(rank: int, width: int, depth: int) -> list[list[object]]:
 
 def _worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queue) -> None:
     torch.set_num_threads(1)
-    if not args.glibc_malloc_defaults:  # what the trainer does on CPU (train.retain_host_memory)
-        from racedit.training.host_memory import retain_freed_memory
-
-        retain_freed_memory()
+    setup_host_memory(args)  # what the trainer does on CPU (train.retain_host_memory)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     parts = args.parts.split(",")
     kth = _kth_bench(rank, args.repeats) if "kth" in parts else None

@@ -71,6 +71,18 @@ def launch(tmp: Path, cfg: dict, procs: int, resume: str = "none", *overrides: s
     return run_python([*args, str(config), resume, *overrides], timeout=400)
 
 
+def run_on_two_processes(tmp_path: Path, source: str, timeout: int) -> list[dict]:
+    """Run a script under ``torchrun --nproc_per_node 2``; it gets an output stem as its argument and writes
+    ``<stem>.rank<r>.json``; return both ranks' results (the script must succeed)."""
+    script = tmp_path / "two_processes.py"
+    script.write_text(source)
+    out = tmp_path / "result"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
+    r = run_python(args, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
+
+
 def run_cfg(out: Path, distributed: str, **train: object) -> dict:
     # gradient checkpointing, a race threshold (PLR, RSL) and label dropout
     return tiny_run(out, train={"distributed": distributed, "gradient_checkpointing": True, **train})
@@ -289,13 +301,7 @@ def test_gloo_collectives_equal_fsdp2s_own(tmp_path: Path) -> None:
     # its reduce-scatter as an all-reduce then this process's chunk / 2 (with two processes both sum g0 + g1,
     # and halving is exact): a forward and backward through the sharded model give bitwise the same output and
     # the same local gradient shards as FSDP2's own gloo calls.
-    script = tmp_path / "collectives.py"
-    script.write_text(COLLECTIVES_SCRIPT)
-    out = tmp_path / "result"
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
-    r = run_python(args, timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    results = [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
+    results = run_on_two_processes(tmp_path, COLLECTIVES_SCRIPT, timeout=400)
     assert results[0]["errors"] == results[1]["errors"] == []
     # every unit's parameters, embedders and final layer included; nearly all with a nonzero gradient shard
     for grads, nonzero in results[0]["counts"]:
@@ -359,13 +365,7 @@ def test_lockstep_sampling_equals_the_gathered_model(tmp_path: Path) -> None:
     # all-gathers one unit at a time. The gathered weights are the full weights bit for bit and the forward is
     # the same float32 arithmetic on the same shapes, so the samples equal those of the full model gathered
     # onto the main process (the way grids were drawn before), bitwise; afterwards every unit is sharded again.
-    script = tmp_path / "lockstep.py"
-    script.write_text(LOCKSTEP_SCRIPT)
-    out = tmp_path / "result"
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
-    r = run_python(args, timeout=400)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    results = [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
+    results = run_on_two_processes(tmp_path, LOCKSTEP_SCRIPT, timeout=400)
     assert results[0]["errors"] == results[1]["errors"] == []
     assert results[0]["spread"] > 0.1  # real samples, not a constant
     assert results[0]["equal"], results[0]["max_diff"]
@@ -464,13 +464,7 @@ def test_compiled_fsdp_step_matches_eager(tmp_path: Path) -> None:
     # train.compile=true under FSDP: torch.compile of the sharded model (FSDP2's hooks run eagerly, the blocks
     # are compiled; the race cut is a compiler-disabled collective). aot_eager runs the graph capture,
     # AOTAutograd and functionalisation inductor consumes, at a fraction of the compile time (test_compile.py).
-    script = tmp_path / "compile_fsdp.py"
-    script.write_text(COMPILE_SCRIPT)
-    out = tmp_path / "result"
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
-    r = run_python(args, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    results = [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
+    results = run_on_two_processes(tmp_path, COMPILE_SCRIPT, timeout=600)
     assert results[0]["errors"] == results[1]["errors"] == []
     assert (
         results[0]["loss"] != results[1]["loss"]
