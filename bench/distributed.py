@@ -316,7 +316,7 @@ def _collectives_bench(rank: int, repeats: int, width: int, depth: int) -> list[
 
     from racedit.models import DiT
     from racedit.models.loading import model_kwargs
-    from racedit.training.collectives import AllReduceReduceScatter, BroadcastAllGather
+    from racedit.training.collectives import ExchangeAllGather, ExchangeReduceScatter
 
     cfg = _demo_model_config(width, depth)
     block = DiT(**model_kwargs(cfg)).blocks[0]
@@ -329,11 +329,13 @@ def _collectives_bench(rank: int, repeats: int, width: int, depth: int) -> list[
     mine = gathered.view(world, -1)[rank]  # FSDP2 gathers in place: the input is this process's slot
     ways = {
         "all-gather: gloo all_gather_single (FSDP2)": lambda: dist.all_gather_single(gathered, mine),
-        "all-gather: one broadcast per process": lambda: BroadcastAllGather()(gathered, mine, group),
+        "all-gather: exchange (send own shard, receive the others')": lambda: ExchangeAllGather()(
+            gathered, mine, group
+        ),
         "reduce-scatter: gloo reduce_scatter_single (FSDP2)": lambda: dist.reduce_scatter_single(
             reduced, grads, op=avg
         ),
-        "reduce-scatter: in-place all_reduce, own chunk": lambda: AllReduceReduceScatter()(
+        "reduce-scatter: exchange (send their chunks, add own)": lambda: ExchangeReduceScatter()(
             reduced, grads, group, avg
         ),
     }
@@ -343,7 +345,7 @@ def _collectives_bench(rank: int, repeats: int, width: int, depth: int) -> list[
     cpu: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(repeats):
         for name, fn in ways.items():
-            grads.copy_(source)  # the all-reduce works in place: the same input every call
+            grads.copy_(source)  # the same input every call
             dist.barrier()
             c = time.process_time()
             fn()

@@ -71,16 +71,16 @@ def launch(tmp: Path, cfg: dict, procs: int, resume: str = "none", *overrides: s
     return run_python([*args, str(config), resume, *overrides], timeout=400)
 
 
-def run_on_two_processes(tmp_path: Path, source: str, timeout: int) -> list[dict]:
-    """Run a script under ``torchrun --nproc_per_node 2``; it gets an output stem as its argument and writes
-    ``<stem>.rank<r>.json``; return both ranks' results (the script must succeed)."""
-    script = tmp_path / "two_processes.py"
+def run_on_two_processes(tmp_path: Path, source: str, timeout: int, nproc: int = 2) -> list[dict]:
+    """Run a script under ``torchrun --nproc_per_node 2`` (or ``nproc``); it gets an output stem as its
+    argument and writes ``<stem>.rank<r>.json``; return every rank's results (the script must succeed)."""
+    script = tmp_path / "processes.py"
     script.write_text(source)
     out = tmp_path / "result"
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script), str(out)]
     r = run_python(args, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in (0, 1)]
+    return [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in range(nproc)]
 
 
 def run_cfg(out: Path, distributed: str, **train: object) -> dict:
@@ -297,15 +297,62 @@ exit_command(0)
 
 @pytest.mark.timeout(900)  # a bound on a hang, not a timing check
 def test_gloo_collectives_equal_fsdp2s_own(tmp_path: Path) -> None:
-    # racedit.training.collectives carries FSDP2's all-gather as broadcasts (data movement: the same bytes) and
-    # its reduce-scatter as an all-reduce then this process's chunk / 2 (with two processes both sum g0 + g1,
-    # and halving is exact): a forward and backward through the sharded model give bitwise the same output and
-    # the same local gradient shards as FSDP2's own gloo calls.
+    # racedit.training.collectives carries FSDP2's all-gather and reduce-scatter as point-to-point exchanges
+    # (the gather is data movement; with two processes both reductions sum g0 + g1 and halving is exact): a
+    # forward and backward through the sharded model give bitwise the same output and the same local
+    # gradient shards as FSDP2's own gloo calls.
     results = run_on_two_processes(tmp_path, COLLECTIVES_SCRIPT, timeout=400)
     assert results[0]["errors"] == results[1]["errors"] == []
     # every unit's parameters, embedders and final layer included; nearly all with a nonzero gradient shard
     for grads, nonzero in results[0]["counts"]:
         assert grads > 30 and nonzero > 0.8 * grads
+
+
+EXCHANGE_SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+from racedit.training.collectives import ExchangeAllGather, ExchangeReduceScatter
+
+rank, world, group = dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+errors = []
+for n in (1, 5, 4099):  # elements per shard: a single one, a few, an odd count
+    g = torch.Generator().manual_seed(11 + rank)
+    shard = torch.randn(n, generator=g)
+    reference, ours = torch.empty(world * n), torch.empty(world * n)
+    dist.all_gather_single(reference, shard)
+    ours.view(world, n)[rank].copy_(shard)
+    ExchangeAllGather()(ours, ours.view(world, n)[rank], group)  # FSDP2 gathers in place
+    if not torch.equal(ours, reference):
+        errors.append(f"all-gather n={n}")
+    grads = torch.randn(world * n, generator=g)
+    for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+        reference, ours = torch.empty(n), torch.empty(n)
+        dist.reduce_scatter_single(reference, grads.clone(), op=op)
+        ExchangeReduceScatter()(ours, grads.clone(), group, op)
+        # bitwise with two addends (IEEE addition commutes); with more, only the order of the fp32 additions
+        # may differ: within (world - 1) roundings of the sum of magnitudes
+        total = torch.empty(world * world * n)  # every process's |grads|
+        dist.all_gather_single(total, grads.abs())
+        bound = (world - 1) * torch.finfo(torch.float32).eps * total.view(world, world, n)[:, rank].sum(0)
+        if op == dist.ReduceOp.AVG:
+            bound = bound / world
+        exact = torch.equal(ours, reference)
+        if (world == 2 and not exact) or not bool(((ours - reference).abs() <= bound).all()):
+            errors.append(f"reduce-scatter {op} n={n}: max error {(ours - reference).abs().max().item()}")
+with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
+    json.dump({"errors": errors}, fh)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(600)  # a bound on a hang, not a timing check
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_exchange_collectives_equal_gloos(tmp_path: Path, nproc: int) -> None:
+    # the point-to-point all-gather equals gloo's bitwise; the reduce-scatter bitwise at 2 processes and
+    # within the rounding of a reordered sum at 3 (where it adds more than two copies)
+    results = run_on_two_processes(tmp_path, EXCHANGE_SCRIPT, timeout=300, nproc=nproc)
+    assert all(r["errors"] == [] for r in results), results
 
 
 LOCKSTEP_SCRIPT = r"""
