@@ -44,7 +44,7 @@ class EMA:
         ema_f, live_f = [], []
         for name, p in self.model.named_parameters():  # sharded (FSDP): the local shards, no DTensor ops
             ema_f.append(local(p))
-            live_f.append(local(live_params[name].detach()).float())
+            live_f.append(local(live_params[name]).float())  # no_grad: nothing to detach from
         live_buffers = dict(model.named_buffers())
         unset = {  # modules whose threshold the EMA model has not received yet
             name.removesuffix("updates")
