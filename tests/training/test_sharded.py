@@ -130,23 +130,31 @@ def test_fsdp_agrees_with_ddp(fsdp_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(900)  # a bound on a hang, not a timing check
-def test_fsdp_with_scalar_parameters_agrees_with_ddp(tmp_path: Path) -> None:
-    # Dynamic hyper-connections have scalar parameters (the scales s_a, s_b), which FSDP2 cannot shard: every
+@pytest.mark.parametrize(
+    "name, scale, steps",
+    # mHC's scales multiply its projection, which starts at 0: they get their first gradient once an update
+    # has moved it, so one step more (its H_res scale stays near 0 for longer: the expanded streams are equal
+    # copies until the writes differ, and mixing equal copies has no gradient; the post scale is checked)
+    [("RaceDiT-S/2-2in8-DHCx2", "dynamic_alpha_scale", 2), ("RaceDiT-S/2-2in8-mHCx2", "post_scale", 3)],
+)
+def test_fsdp_with_scalar_parameters_agrees_with_ddp(tmp_path: Path, name: str, scale: str, steps: int) -> None:
+    # Dynamic hyper-connections and mHC have scalar parameters (the scales), which FSDP2 cannot shard: every
     # process keeps them whole and averages their gradients (one all-reduce each), and the clipping norm
-    # counts them once. Against DDP as in test_fsdp_agrees_with_ddp (same tolerances, 2 steps instead of 6).
+    # counts them once. mHC adds its hand-written read / Sinkhorn / write nodes on gathered weights. Against
+    # DDP as in test_fsdp_agrees_with_ddp (same tolerances, 2-3 steps instead of 6).
     runs = {}
     for kind in ("fsdp", "ddp"):
         out = tmp_path / kind
-        cfg = run_cfg(out, kind, max_steps=2, checkpoint_every=2, max_grad_norm=0.05)
-        cfg["model"] = {**cfg["model"], "name": "RaceDiT-S/2-2in8-DHCx2"}
+        cfg = run_cfg(out, kind, max_steps=steps, checkpoint_every=steps, max_grad_norm=0.05)
+        cfg["model"] = {**cfg["model"], "name": name}
         r = launch(tmp_path, cfg, 2)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
         runs[kind] = out
     la, lb = losses(runs["fsdp"]), losses(runs["ddp"])
-    assert len(la) == len(lb) == 2 and la[0] == lb[0]
+    assert len(la) == len(lb) == steps and la[0] == lb[0]
     assert la == pytest.approx(lb, rel=1e-6)
     setup, end = (load_file(runs["fsdp"] / f"{tag}_model.safetensors") for tag in ("setup", "end"))
-    scales = [k for k in end if k.endswith("dynamic_alpha_scale")]
+    scales = [k for k in end if k.endswith(scale)]
     assert scales and any(not torch.equal(setup[k], end[k]) for k in scales)  # the scalars trained
     for tag in ("end_model", "end_ema"):
         fa, fb = (load_file(runs[k] / f"{tag}.safetensors") for k in ("fsdp", "ddp"))
