@@ -7,7 +7,12 @@ its expert FLOPs equal the dense ``Mlp(D, 4D)``; the router adds D*D + D*E MACs 
 - ``MoE <router>``: the whole layer (router, routing, layout, experts, combine), forward + backward;
 - ``  routing share``: router trunk + gating head + selection + layout (``strategy.plan``) forward and the
   backward into the router through the gates, i.e. everything but the experts;
-- ``  experts share``: ``dispatch.expert_ffn`` on a fixed plan, forward + backward.
+- ``  experts share``: ``dispatch.expert_ffn`` on a fixed plan, forward + backward;
+- ``  expert GEMMs alone`` against ``dense MLP GEMMs alone``: only the matrix products of a forward + backward
+  (per linear map: x W, dL/dx = dL/dy W^T, dL/dW = x^T dL/dy), on preallocated operands: one set per expert at
+  the fixed plan's token counts against one set at the dense MLP's shapes. The same multiply-adds, so their
+  ratio is what splitting one GEMM into E smaller ones costs on this device: a floor under the experts
+  share that no gather, combine or layout work can remove.
 
 Timing is interleaved round-robin (warm-up, repeats, median), wall-clock and process CPU time; on a
 shared CPU the CPU-time ratio is the steadier one. Shapes default to DiT-B scaled to a CPU:
@@ -52,6 +57,31 @@ def measure(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> di
     return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in fns}
 
 
+def mlp_gemms(rows: list[int], D: int, hidden: int, device: str, dtype: torch.dtype) -> Callable[[], None]:
+    """The six matrix products of an MLP's forward + backward (D -> hidden -> D), one set per entry of
+    ``rows`` (tokens per expert; one entry for a dense MLP), on operands made once."""
+    sets = []
+    for n in rows:
+        if n == 0:
+            continue
+
+        def r(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device=device, dtype=dtype)
+
+        sets.append((r(n, D), r(D, hidden), r(n, hidden), r(hidden, D), r(n, D), r(n, hidden)))
+
+    def run() -> None:
+        for x, w1, h, w2, gy, gh in sets:
+            torch.mm(x, w1)  # forward
+            torch.mm(h, w2)
+            torch.mm(gy, w2.t())  # backward: dL/dh, dL/dW2, dL/dx, dL/dW1
+            torch.mm(h.t(), gy)
+            torch.mm(gh, w1.t())
+            torch.mm(x.t(), gh)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=384, help="model width D (DiT-B: 768; halved for CPU)")
@@ -87,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     T = args.batch * args.tokens
     fns: dict[str, Callable[[], None]] = {"dense MLP": fwd_bwd(dense)}
     macs: dict[str, int] = {"dense MLP": dense.flops(T)}
+    fns["dense MLP GEMMs alone"] = mlp_gemms([T], D, hidden, args.device, dtype)
+    macs["dense MLP GEMMs alone"] = dense.flops(T)
     for router in args.routers.split(","):
         cfg = MoEConfig(num_experts=args.experts, k=args.k, router=router, impl=args.impl)
         layer = MoEFeedForward(D, hidden, cfg, 0, 16).to(args.device, dtype).train()
@@ -116,17 +148,24 @@ def main(argv: list[str] | None = None) -> None:
         fns[f"  {router}: experts share"] = experts
         macs[f"  {router}: routing share"] = router_macs
         macs[f"  {router}: experts share"] = layer.flops(T) - router_macs
+        counts = fixed_plan.counts.tolist()
+        fns[f"  {router}: expert GEMMs alone"] = mlp_gemms(counts, D, layer.expert_hidden, args.device, dtype)
+        macs[f"  {router}: expert GEMMs alone"] = sum(counts) * 2 * D * layer.expert_hidden
 
     times = measure(fns, args.repeats, args.warmup)
-    base_w, base_c = times["dense MLP"]
     rows = []
     for name, (w, c) in times.items():
-        rows.append([name, w * 1e3, c * 1e3, w / base_w, c / base_c, f"{macs[name] / macs['dense MLP']:.3f}"])
+        base = "dense MLP GEMMs alone" if "GEMMs alone" in name else "dense MLP"  # GEMMs against GEMMs
+        base_w, base_c = times[base]
+        rows.append([name, w * 1e3, c * 1e3, w / base_w, c / base_c, f"{macs[name] / macs[base]:.3f}"])
     print_table(
         f"MoE layer fwd+bwd vs dense MLP: D={D}, T={args.batch}x{args.tokens}, {args.k}-in-{args.experts}, "
         f"{args.dtype}, {args.device}, impl={args.impl}, median of {args.repeats}",
         ["what", "wall ms", "cpu ms", "wall / dense", "cpu / dense", "activated MACs / dense"],
         rows,
+    )
+    print(
+        "(the GEMMs-alone rows are divided by the dense MLP's GEMMs alone; every other row by the whole dense MLP)"
     )
 
 
