@@ -3,8 +3,7 @@ over gloo; NCCL keeps FSDP2's own).
 
 FSDP2 lets a run replace how a unit's all-gather and reduce-scatter are carried out
 (``FSDPModule.set_custom_all_gather`` / ``set_custom_reduce_scatter``): what is sent, to whom and in which
-layout stays FSDP2's, only the calls that move the bytes change. Measured on 2 CPU processes on the demo
-model's block (2.7 MiB; ``python -m bench.distributed --parts train``, process CPU time per call):
+layout stays FSDP2's, only the calls that move the bytes change:
 
 - ``ExchangeReduceScatter``: each process sends every other process that process's chunk of FSDP2's
   reduce-scatter input and adds the copies it receives of its own chunk, in rank order (then divides by the
@@ -14,9 +13,11 @@ model's block (2.7 MiB; ``python -m bench.distributed --parts train``, process C
   slots of the output. Pure data movement: bitwise the same output as ``all_gather_single``.
 
 Both move the textbook collective's bytes ((world - 1) / world of the buffer per process) with point-to-point
-calls, which gloo runs with less CPU than its own collectives: per call, CPU-time ratios against gloo's are
-printed by the benchmark's first table. An earlier version used an in-place all-reduce (2x the bytes) and one
-broadcast per process; the exchange is cheaper than both. With more than two processes the sums may be added
+calls, which gloo runs with less CPU than its own collectives. On 2 CPU processes, on the demo model's block
+(2.7 MiB; ``python -m bench.distributed --parts train``, process CPU time per call, four runs), the exchange
+all-gather takes 0.48-0.49x the CPU time of ``all_gather_single`` and the exchange reduce-scatter 0.53-0.57x that
+of ``reduce_scatter_single``. An earlier version used one broadcast per process (0.50-0.55x) and an in-place
+all-reduce of the whole buffer (2x the bytes; 0.67-0.72x). With more than two processes the sums may be added
 in another order than gloo's reduce-scatter adds them (equal up to rounding, not bitwise).
 
 FSDP2's reference collectives stay the default wherever these are not installed, and a test runs a sharded
