@@ -12,7 +12,9 @@ choices of implementation:
   On CPU ``"auto"`` runs the reference: a one-autograd-node CPU variant (hand-written backward, weight
   gradients filled in place) was measured and dropped, as it ran slower at RaceDiT-S/2's shapes (train
   step 1.23x dense against the reference's 1.17x, `python -m bench.train_step --hidden-size 384 --depth 12
-  --input-size 32 --batch-size 8`) and no faster at the demo's.
+  --input-size 32 --batch-size 8`). Remeasured once freed host memory stayed in the process (which removed
+  its page faults), it was still slower there (1.23x against 1.19x over 21 rounds), though faster at the
+  demo's shapes (1.31x against 1.35x) and in the layer alone, with less peak memory (README, performance).
 """
 
 from __future__ import annotations
