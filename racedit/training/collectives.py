@@ -38,7 +38,9 @@ class _Allocate:
         return torch.empty(*size, dtype=dtype, device=device)
 
 
-def _exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group: dist.ProcessGroup) -> None:
+def _exchange(
+    sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group: dist.ProcessGroup
+) -> None:
     """Post every send and receive with the peers (group ranks) at once, then wait for all of them. Gloo
     matches point-to-point messages per pair in the order they are posted, and each call here completes before
     the next collective starts, so consecutive calls cannot cross."""

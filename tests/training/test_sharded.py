@@ -71,13 +71,21 @@ def launch(tmp: Path, cfg: dict, procs: int, resume: str = "none", *overrides: s
     return run_python([*args, str(config), resume, *overrides], timeout=400)
 
 
-def run_on_two_processes(tmp_path: Path, source: str, timeout: int, nproc: int = 2) -> list[dict]:
+def run_on_processes(tmp_path: Path, source: str, timeout: int, nproc: int = 2) -> list[dict]:
     """Run a script under ``torchrun --nproc_per_node 2`` (or ``nproc``); it gets an output stem as its
     argument and writes ``<stem>.rank<r>.json``; return every rank's results (the script must succeed)."""
     script = tmp_path / "processes.py"
     script.write_text(source)
     out = tmp_path / "result"
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script), str(out)]
+    args = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(script),
+        str(out),
+    ]
     r = run_python(args, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in range(nproc)]
@@ -137,7 +145,9 @@ def test_fsdp_agrees_with_ddp(fsdp_run: Path, tmp_path: Path) -> None:
     # copies until the writes differ, and mixing equal copies has no gradient; the post scale is checked)
     [("RaceDiT-S/2-2in8-DHCx2", "dynamic_alpha_scale", 2), ("RaceDiT-S/2-2in8-mHCx2", "post_scale", 3)],
 )
-def test_fsdp_with_scalar_parameters_agrees_with_ddp(tmp_path: Path, name: str, scale: str, steps: int) -> None:
+def test_fsdp_with_scalar_parameters_agrees_with_ddp(
+    tmp_path: Path, name: str, scale: str, steps: int
+) -> None:
     # Dynamic hyper-connections and mHC have scalar parameters (the scales), which FSDP2 cannot shard: every
     # process keeps them whole and averages their gradients (one all-reduce each), and the clipping norm
     # counts them once. mHC adds its hand-written read / Sinkhorn / write nodes on gathered weights. Against
@@ -309,7 +319,7 @@ def test_gloo_collectives_equal_fsdp2s_own(tmp_path: Path) -> None:
     # (the gather is data movement; with two processes both reductions sum g0 + g1 and halving is exact): a
     # forward and backward through the sharded model give bitwise the same output and the same local
     # gradient shards as FSDP2's own gloo calls.
-    results = run_on_two_processes(tmp_path, COLLECTIVES_SCRIPT, timeout=400)
+    results = run_on_processes(tmp_path, COLLECTIVES_SCRIPT, timeout=400)
     assert results[0]["errors"] == results[1]["errors"] == []
     # every unit's parameters, embedders and final layer included; nearly all with a nonzero gradient shard
     for grads, nonzero in results[0]["counts"]:
@@ -359,7 +369,7 @@ dist.destroy_process_group()
 def test_exchange_collectives_equal_gloos(tmp_path: Path, nproc: int) -> None:
     # the point-to-point all-gather equals gloo's bitwise; the reduce-scatter bitwise at 2 processes and
     # within the rounding of a reordered sum at 3 (where it adds more than two copies)
-    results = run_on_two_processes(tmp_path, EXCHANGE_SCRIPT, timeout=300, nproc=nproc)
+    results = run_on_processes(tmp_path, EXCHANGE_SCRIPT, timeout=300, nproc=nproc)
     assert all(r["errors"] == [] for r in results), results
 
 
@@ -420,7 +430,7 @@ def test_lockstep_sampling_equals_the_gathered_model(tmp_path: Path) -> None:
     # all-gathers one unit at a time. The gathered weights are the full weights bit for bit and the forward is
     # the same float32 arithmetic on the same shapes, so the samples equal those of the full model gathered
     # onto the main process (the way grids were drawn before), bitwise; afterwards every unit is sharded again.
-    results = run_on_two_processes(tmp_path, LOCKSTEP_SCRIPT, timeout=400)
+    results = run_on_processes(tmp_path, LOCKSTEP_SCRIPT, timeout=400)
     assert results[0]["errors"] == results[1]["errors"] == []
     assert results[0]["spread"] > 0.1  # real samples, not a constant
     assert results[0]["equal"], results[0]["max_diff"]
@@ -519,7 +529,7 @@ def test_compiled_fsdp_step_matches_eager(tmp_path: Path) -> None:
     # train.compile=true under FSDP: torch.compile of the sharded model (FSDP2's hooks run eagerly, the blocks
     # are compiled; the race cut is a compiler-disabled collective). aot_eager runs the graph capture,
     # AOTAutograd and functionalisation inductor consumes, at a fraction of the compile time (test_compile.py).
-    results = run_on_two_processes(tmp_path, COMPILE_SCRIPT, timeout=600)
+    results = run_on_processes(tmp_path, COMPILE_SCRIPT, timeout=600)
     assert results[0]["errors"] == results[1]["errors"] == []
     assert (
         results[0]["loss"] != results[1]["loss"]
