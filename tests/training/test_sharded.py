@@ -71,11 +71,23 @@ def launch(tmp: Path, cfg: dict, procs: int, resume: str = "none", *overrides: s
     return run_python([*args, str(config), resume, *overrides], timeout=400)
 
 
+# Appended to every script run_on_processes runs: each process writes the script's ``result`` (a dict) as JSON
+# and leaves the process group.
+SCRIPT_END = r"""
+with open(f"{sys.argv[1]}.rank{dist.get_rank()}.json", "w") as fh:
+    json.dump(result, fh)
+from racedit.distributed import exit_command, teardown
+teardown()
+exit_command(0)
+"""
+
+
 def run_on_processes(tmp_path: Path, source: str, timeout: int, nproc: int = 2) -> list[dict]:
     """Run a script under ``torchrun --nproc_per_node 2`` (or ``nproc``); it gets an output stem as its
-    argument and writes ``<stem>.rank<r>.json``; return every rank's results (the script must succeed)."""
+    argument, sets ``result`` (a dict), and ``SCRIPT_END`` writes it to ``<stem>.rank<r>.json``; return every
+    rank's results (the script must succeed)."""
     script = tmp_path / "processes.py"
-    script.write_text(source)
+    script.write_text(source + SCRIPT_END)
     out = tmp_path / "result"
     args = [
         "-m",
@@ -305,11 +317,7 @@ for name in ("RaceDiT-S/2-2in8", "DiT-S/2-HCx2"):  # a MoE model; a dense one wi
         errors.append(f"{name} gradients: {sorted(grads_a)} vs {sorted(grads_b)}")
     errors += [f"{name}: {n}" for n in grads_a if not torch.equal(grads_a[n], grads_b.get(n))]
     counts.append((len(grads_a), sum(bool(g.abs().sum() > 0) for g in grads_a.values())))
-with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
-    json.dump({"errors": errors, "counts": counts}, fh)
-from racedit.distributed import exit_command, teardown
-teardown()
-exit_command(0)
+result = {"errors": errors, "counts": counts}
 """
 
 
@@ -358,9 +366,7 @@ for n in (1, 5, 4099):  # elements per shard: a single one, a few, an odd count
         exact = torch.equal(ours, reference)
         if (world == 2 and not exact) or not bool(((ours - reference).abs() <= bound).all()):
             errors.append(f"reduce-scatter {op} n={n}: max error {(ours - reference).abs().max().item()}")
-with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
-    json.dump({"errors": errors}, fh)
-dist.destroy_process_group()
+result = {"errors": errors}
 """
 
 
@@ -416,11 +422,6 @@ if rank == 0:
     result["equal"] = torch.equal(together, reference)
     result["max_diff"] = float((together - reference).abs().max())
     result["spread"] = float(reference.std())
-with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
-    json.dump(result, fh)
-from racedit.distributed import exit_command, teardown
-teardown()
-exit_command(0)
 """
 
 
@@ -515,11 +516,7 @@ try:
     assert all(hasattr(p, "to_local") for p in model.parameters() if p.requires_grad)
 except AssertionError as err:
     errors.append(str(err))
-with open(f"{sys.argv[1]}.rank{rank}.json", "w") as fh:
-    json.dump({"errors": errors, "loss": eager.item()}, fh)
-from racedit.distributed import exit_command, teardown
-teardown()
-exit_command(0)
+result = {"errors": errors, "loss": eager.item()}
 """
 
 
