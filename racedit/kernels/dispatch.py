@@ -15,6 +15,12 @@ choices of implementation:
   --input-size 32 --batch-size 8`). Remeasured once freed host memory stayed in the process (which removed
   its page faults), it was still slower there (1.23x against 1.19x over 21 rounds), though faster at the
   demo's shapes (1.31x against 1.35x) and in the layer alone, with less peak memory (README, performance).
+
+Under ``torch.compile`` (``train.compile=true``) these three functions run eagerly, between compiled graphs
+(``torch.compiler.disable``): their shapes follow the data (tokens per expert, a threshold's selection), and
+traced, every new pattern of empty or one-token experts was one more recompile (dynamo specialises sizes 0
+and 1), past the recompile limit within a few steps of a 12-layer Race-DiT. The expert GEMMs gain nothing
+from the compiler; the router, the gating and the rest of the block stay compiled.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import importlib.util
 import os
 from typing import Literal, get_args
 
+import torch
 from torch import Tensor
 
 from racedit.kernels import reference
@@ -71,6 +78,7 @@ def use_triton(t: Tensor, impl: RoutingImpl) -> bool:
     return t.is_cuda and triton_available()
 
 
+@torch.compiler.disable  # data-dependent shapes: eager under torch.compile (module docstring)
 def plan_from_mask(mask: Tensor, gates: Tensor, impl: RoutingImpl = "auto") -> RoutePlan:
     """Sorted (expert-major) layout of any strategy's selection mask (T, E); gates (T, E) per pair."""
     if use_triton(gates, impl):
@@ -80,6 +88,7 @@ def plan_from_mask(mask: Tensor, gates: Tensor, impl: RoutingImpl = "auto") -> R
     return reference.plan_from_mask(mask, gates)
 
 
+@torch.compiler.disable  # data-dependent shapes: eager under torch.compile (module docstring)
 def race_plan(
     scores: Tensor,
     k_total: int | None = None,
@@ -104,6 +113,7 @@ def race_plan(
     return reference.race_plan(scores, k_total=k_total, tau=tau, ties=ties)
 
 
+@torch.compiler.disable  # data-dependent shapes: eager under torch.compile (module docstring)
 def expert_ffn(
     x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, impl: ExpertImpl = "auto"
 ) -> Tensor:

@@ -142,22 +142,29 @@ class MoEFeedForward(FeedForward):
             # T_K of the global batch: the race's own K-th value, or a radix select over every process
             self.threshold.update(self.strategy.threshold_kth(scores, plan.kth))
         if aux is not None:
-            # Built in both passes, so a checkpointed recompute saves the same tensors for backward
-            # (the PLR head's forward); only the first pass hands it to the trainer.
-            record = self._record(B, L, logits, plan, u)
-            if not recompute:
-                aux.add(record)
+            self._record(aux, B, L, logits, plan, u, keep=not recompute)
         return y.view(B, L, D)
 
-    def _record(self, B: int, L: int, logits: Tensor, plan: dispatch.RoutePlan, u: Tensor) -> RoutingRecord:
+    @torch.compiler.disable
+    def _record(
+        self, aux: ForwardAux, B: int, L: int, logits: Tensor, plan: dispatch.RoutePlan, u: Tensor, keep: bool
+    ) -> None:
+        """This layer's routing record, handed to ``aux`` if ``keep``. Built in both passes of gradient checkpointing,
+        so the recompute saves the same tensors for backward (the PLR head's forward); only the first pass keeps it.
+
+        Run eagerly under ``torch.compile``: traced, the list append and this layer's index would be guarded
+        per layer (``len(aux.layers) == i``), one recompile per MoE layer until dynamo's recompile limit (8)
+        sends the rest of every deeper layer's forward back to eager."""
         head = self.router.target_head
-        return RoutingRecord(
+        record = RoutingRecord(
             layer=self.layer_index,
             logits=logits,  # (T, E), with grad
             mask=plan.mask().view(B, L, self.num_experts),  # (B, L, E)
             tau=self.threshold.tau.detach().clone() if self.strategy.uses_threshold else None,
             plr_pred=head(u).view(B, L, -1) if self.training and head is not None else None,
         )
+        if keep:
+            aux.add(record)
 
     # ------------------------------------------------------------------------- accounting
 

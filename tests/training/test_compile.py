@@ -56,3 +56,24 @@ def test_compiled_training_step_matches_eager(name: str, backend: str, overrides
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, g in grads.items():
         torch.testing.assert_close(model.get_parameter(n).grad, g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compiled_race_dit_compiles_once_whatever_its_depth_and_routing() -> None:
+    """Six MoE layers under a recompile limit of 3 that fails when hit: per-layer guards (a routing record's
+    list length, a layer index) or guards on the data (an expert left with 0 or 1 tokens) would recompile the
+    layer's frames once per layer or per routing pattern, and past dynamo's limit (8 by default; RaceDiT-XL/2
+    has 28 layers) the rest of every deeper layer would run eagerly. Three steps on different batches."""
+    torch._dynamo.reset()  # the limit counts per code object: forget other tests' compiles of the same code
+    torch.manual_seed(0)
+    model = racedit.build_model("RaceDiT-S/2-2in8", **{**TINY, "depth": 6}).train()
+    objective = build_objective(DiffusionConfig(objective="flow"), learn_sigma=model.arch.learn_sigma)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x0, y = torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+            aux = ForwardAux()
+            out = objective.training_loss(compiled, x0, y, aux=aux, generator=g)
+            loss = out.loss + sum(aux_losses(aux, model.patchify(out.target), model.arch.moe).values())
+            loss.backward()
+            assert len(aux.layers) == 6  # every layer's record reached the caller
