@@ -94,8 +94,38 @@ def sinkhorn_fast(logits: Tensor, iters: int) -> Tensor:
     from the log-domain reference is for logits more than 700 nats below their row's maximum (probability
     < 1e-304 of the row's largest), raised to that floor so that no column can sum to zero, and given zero
     gradient. Returns ``logits.dtype``.
+
+    Under ``torch.compile`` it runs ``sinkhorn_traced`` instead: the same iterates written as plain tensor ops,
+    which the compiler differentiates and fuses.
     """
+    if torch.compiler.is_compiling():
+        return sinkhorn_traced(logits, iters)
     return _SinkhornScaling.apply(logits, iters)
+
+
+@torch.compiler.nested_compile_region
+def sinkhorn_traced(logits: Tensor, iters: int) -> Tensor:
+    """``sinkhorn_fast``'s computation for the compiler: the same scaling-vector iterates in float64 from
+    exp(logits - rowmax) with the same floor, as plain ops on the tokens-first (..., n, n) layout, differentiated
+    by autograd (AOTAutograd under compile).
+
+    Why not trace ``_SinkhornScaling``: its preallocated ``out=`` stacks and in-place updates become copies
+    once functionalised, and the compiled step ran 6x slower than eager (19.5 against 3.3 ms forward +
+    backward for 1024 tokens, n = 4), after 43 s of compiling per call site. This form compiles in ~18 s and
+    runs in 1.8 ms. It is a nested compile region: compiled once, reused by every mHC sublayer of the model
+    (a 4-block mHCx4 DiT compiled in 47 s instead of 116 s). Eagerly it is the plain reference of the scaling
+    iteration (autograd through 20 unrolled iterations; ``tests/connections/test_fast_paths.py``)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float64))
+    x = x - x.amax(dim=-1, keepdim=True).detach()  # the row shift cancels in the first row normalisation
+    p0 = x.clamp(
+        min=SINKHORN_FLOOR
+    ).exp()  # (..., n, n); clamped entries get zero gradient, as in the fast path
+    r = 1.0 / p0.sum(-1, keepdim=True)  # (..., n, 1): rows of diag(r) P0 sum to 1 (c_0 = 1)
+    c = 1.0 / (p0 * r).sum(-2, keepdim=True)  # (..., 1, n): then its columns
+    for _ in range(iters - 1):
+        r = 1.0 / (p0 * c).sum(-1, keepdim=True)
+        c = 1.0 / (p0 * r).sum(-2, keepdim=True)
+    return (p0 * r * c).to(logits.dtype)
 
 
 class _SinkhornScaling(torch.autograd.Function):
@@ -380,4 +410,11 @@ def build_connection(cfg: ConnectionConfig, dim: int, layer_index: int, sublayer
     return ManifoldHyperConnection(dim, cfg.rate, 2 * layer_index + sublayer_index, cfg.sinkhorn_iters)
 
 
-__all__ = ["ManifoldHyperConnection", "build_connection", "build_stream", "sinkhorn", "sinkhorn_fast"]
+__all__ = [
+    "ManifoldHyperConnection",
+    "build_connection",
+    "build_stream",
+    "sinkhorn",
+    "sinkhorn_fast",
+    "sinkhorn_traced",
+]

@@ -3,11 +3,14 @@ docs/spec/connections.md; log-domain Sinkhorn under autograd for mHC): values an
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from racedit.connections import FracConnection, HyperConnection, ManifoldHyperConnection
-from racedit.connections.manifold import sinkhorn, sinkhorn_fast
+from racedit.connections.manifold import sinkhorn, sinkhorn_fast, sinkhorn_traced
 
 D, B, L = 8, 2, 3
 
@@ -126,6 +129,48 @@ def test_sinkhorn_fast_matches_the_log_domain_reference(spread: float) -> None:
     # 40, against the fast path's float64; gradients go back through the same 40 steps
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 20])
+@pytest.mark.parametrize("spread", [1.0, 100.0])
+def test_sinkhorn_traced_equals_the_fast_path(iters: int, spread: float) -> None:
+    """The form ``torch.compile`` runs, eagerly under autograd: the same float64 iterates as the fast path,
+    floor included (spread 100 puts logits past it). Both compute in float64 and differ only in the order of
+    their sums (~1e-16 per op over 2 x iters normalisations); a wrong iterate or term is O(1e-2)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(7, 4, 4, generator=g, dtype=torch.float64) * spread).requires_grad_(True)
+    cotangent = torch.randn(7, 4, 4, generator=g, dtype=torch.float64)
+    fast, traced = sinkhorn_fast(logits, iters), sinkhorn_traced(logits, iters)
+    (gf,) = torch.autograd.grad((fast * cotangent).sum(), logits)
+    (gt,) = torch.autograd.grad((traced * cotangent).sum(), logits)
+    torch.testing.assert_close(traced, fast, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gt, gf, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_sinkhorn_takes_the_traced_form_once_per_model() -> None:
+    """Under ``torch.compile`` ``sinkhorn_fast`` runs ``sinkhorn_traced`` as one nested region (graphs recorded
+    by the backend name it once, however many call sites), with the eager fast path's values and gradients:
+    float32 results of float64 math, equal to a float32 rounding or two."""
+    backend = CompileCounterWithBackend("aot_eager")  # aot_eager, keeping the graphs dynamo hands it
+
+    def two_sublayers(logits):
+        return sinkhorn_fast(logits, 5) + sinkhorn_fast(2 * logits, 5)
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 3, 3, generator=g)
+    cotangent = torch.randn(6, 3, 3, generator=g)
+    out, grads = [], []
+    for fn in (two_sublayers, torch.compile(two_sublayers, backend=backend, fullgraph=True)):
+        x = logits.clone().requires_grad_(True)
+        y = fn(x)
+        out.append(y.detach())
+        grads.append(torch.autograd.grad((y * cotangent).sum(), x)[0])
+    code = "\n".join(gm.code for gm in backend.graphs)
+    regions = re.findall(r"invoke_subgraph\(\w+, '(\w+)'", code)  # (subgraph, identifier, inputs)
+    assert len(regions) == 2 and len(set(regions)) == 1, code  # two calls of one compiled region
+    assert "SinkhornScaling" not in code, code
+    torch.testing.assert_close(out[1], out[0], rtol=3e-7, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
 
 
 def _fast_path_nodes():
