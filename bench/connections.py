@@ -15,6 +15,7 @@ Peak memory of a step:
 
     python -m bench.connections                       # CPU, the default small DiT
     python -m bench.connections --variants HCx2,FCx4 --repeats 11
+    python -m bench.connections --variants HCx2,FCx4,mHCx4 --compile   # every model torch.compile'd
 
 On CPU the freed host memory stays in the process, as the trainer keeps it (``train.retain_host_memory``,
 docs/design.md "Host memory on CPU"); ``--glibc-malloc-defaults`` measures with glibc's defaults instead, where
@@ -78,9 +79,10 @@ def make_step(model: DiT, args: argparse.Namespace) -> Callable[[], None]:
     y = torch.randint(0, 10, (B,), generator=g).to(args.device)
     target = torch.randn(B, model.arch.out_channels, S, S, generator=g).to(args.device)
     opt, _ = build_adamw(model.optimizer_param_groups(0.0), lr=1e-4, device=args.device)  # as the trainer
+    net = torch.compile(model) if args.compile else model  # as train.compile=true
 
     def step() -> None:  # self-contained: the gradients it allocates are freed before it returns
-        torch.nn.functional.mse_loss(model(x, t, y), target).backward()
+        torch.nn.functional.mse_loss(net(x, t, y), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -153,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--paths", action="store_true", help="instead: each connection's fast path against its reference"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every model, the residual DiT included (train.compile=true), so the ratios compare "
+        "compiled with compiled; compiling takes up to a minute per model on a small CPU",
+    )
     add_host_memory_flag(parser)
     args = parser.parse_args(argv)
     host_memory = setup_host_memory(args)
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     L = (args.input_size // 2) ** 2
     print_table(
         f"Connections: one training step vs the residual DiT (D={args.hidden_size}, depth={args.depth}, "
-        f"L={L} tokens, batch={args.batch_size}, {args.device}; medians of {args.repeats} interleaved repeats; "
+        f"L={L} tokens, batch={args.batch_size}, {args.device}{', compiled' if args.compile else ''}; medians of {args.repeats} interleaved repeats; "
         f"peak memory: {'profiler allocation events' if args.device == 'cpu' else 'CUDA allocator'}; "
         f"AdamW {resolve_adamw_impl('auto', args.device)}{', ' + host_memory if host_memory else ''})",
         [

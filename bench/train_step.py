@@ -8,7 +8,8 @@ choice (impl=auto: Triton on CUDA; on CPU auto is the reference, so the two rows
 row "dense DiT + unused router (MoE floor)" adds a Race-DiT router to every dense block and differentiates it
 without routing anything: what any Race-DiT costs at least, so Race-DiT minus it is the price of dispatch, the
 experts' extra parameters in AdamW and the auxiliary losses. With ``--compile`` every row is also timed
-``torch.compile``'d (``train.compile=true``). One
+``torch.compile``'d (``train.compile=true``); the column "same mode" compares compiled rows with the compiled
+dense row (eager rows with the eager one). One
 step = the diffusion objective's loss (the run's real loss: DDPM hybrid loss or flow matching, plus the
 MoE auxiliary losses), backward, AdamW.
 Timing is interleaved round-robin with warm-up and repeats; medians of wall and process-CPU time.
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     wall, cpu = interleaved_wall_and_cpu(steps, args.repeats, args.warmup)
     mem = {label: peak_step_memory(step, args.device) for label, step in steps.items()}
     base = "dense DiT" if "dense DiT" in steps else next(iter(steps))
+    compiled_base = f"{base} (compiled)"
+
+    def same_mode_base(label: str) -> str:  # compiled rows against the compiled base row
+        return compiled_base if label.endswith(" (compiled)") and compiled_base in steps else base
+
     rows = []
     for label in steps:
         rows.append(
@@ -182,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.batch_size / wall[label],
                 wall[label] / wall[base],
                 cpu[label] / cpu[base],
+                cpu[label] / cpu[same_mode_base(label)],
                 mem[label] / 2**20,
                 mem[label] / mem[base],
             ]
@@ -191,7 +198,15 @@ def main(argv: list[str] | None = None) -> None:
         f"L={(args.input_size // args.patch) ** 2} tokens, batch={args.batch_size}, {args.objective}, "
         f"{args.device}; medians of {args.repeats} interleaved rounds; AdamW {resolve_adamw_impl('auto', args.device)}"
         f"{', ' + host_memory if host_memory else ''})",
-        ["model", "images/s", "wall ratio", "CPU-time ratio", "peak MiB", "memory ratio"],
+        [
+            "model",
+            "images/s",
+            "wall ratio",
+            "CPU-time ratio",
+            "CPU-time ratio, same mode",
+            "peak MiB",
+            "memory ratio",
+        ],
         rows,
     )
 
