@@ -110,16 +110,16 @@ def sinkhorn_traced(logits: Tensor, iters: int) -> Tensor:
     by autograd (AOTAutograd under compile).
 
     Why not trace ``_SinkhornScaling``: its preallocated ``out=`` stacks and in-place updates become copies
-    once functionalised, and the compiled step ran 6x slower than eager (19.5 against 3.3 ms forward +
-    backward for 1024 tokens, n = 4), after 43 s of compiling per call site. This form compiles in ~18 s and
-    runs in 1.8 ms. It is a nested compile region: compiled once, reused by every mHC sublayer of the model
-    (a 4-block mHCx4 DiT compiled in 47 s instead of 116 s). Eagerly it is the plain reference of the scaling
-    iteration (autograd through 20 unrolled iterations; ``tests/connections/test_fast_paths.py``)."""
+    once functionalised: compiled alone it ran 6x slower than eager (19.5 against 3.3 ms forward + backward
+    for 1024 tokens, n = 4) after 43 s of compiling. This form compiles alone in ~18 s and runs in 1.8 ms. It is
+    a nested compile region, compiled once and reused by every mHC sublayer: the first step of the connections
+    bench's 4-block mHCx4 DiT, compiling included, takes 105 s against 301 s tracing the fast path (inductor's
+    cache empty; the residual DiT's: 43 s). Eagerly it is the plain reference of the scaling iteration (autograd
+    through the unrolled iterations; ``tests/connections/test_fast_paths.py``)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float64))
     x = x - x.amax(dim=-1, keepdim=True).detach()  # the row shift cancels in the first row normalisation
-    p0 = x.clamp(
-        min=SINKHORN_FLOOR
-    ).exp()  # (..., n, n); clamped entries get zero gradient, as in the fast path
+    # (..., n, n); entries clamped to the floor get zero gradient, as in the fast path
+    p0 = x.clamp(min=SINKHORN_FLOOR).exp()
     r = 1.0 / p0.sum(-1, keepdim=True)  # (..., n, 1): rows of diag(r) P0 sum to 1 (c_0 = 1)
     c = 1.0 / (p0 * r).sum(-2, keepdim=True)  # (..., 1, n): then its columns
     for _ in range(iters - 1):
