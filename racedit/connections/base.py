@@ -12,11 +12,42 @@ Plain residual: state is ``(B, L, D)``, ``state + T(state)``. Hyper-connections 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 Branch = Callable[[Tensor], Tensor]
+
+
+def stream_in_state_dtype(forward: Callable[[nn.Module, Tensor, Branch], Tensor]):
+    """Decorator of a ``Connection.forward``: under autocast, the stream's own arithmetic (coefficients, read,
+    mix, write) runs outside autocast, in the state's dtype, while the branch runs under the caller's autocast
+    and its output is cast to the state's dtype.
+
+    That is what autocast gives the plain residual for free: ``state + branch(state)`` adds a bf16 branch
+    output to the float32 stream, so the stream stays float32 (docs/design.md, "Connections under mixed
+    precision"). Without it the connections' matrix products would be cast to bf16 (autocast lists mm, bmm,
+    baddbmm, addmm), so the n-copy stream would drop to bf16 after the first sublayer, and the hand-written
+    autograd nodes, which take the state, the coefficients and the branch output together, would be handed
+    mixed dtypes (every connection but dynamic FC failed with a dtype error in forward or backward)."""
+
+    @functools.wraps(forward)
+    def wrapper(self: nn.Module, state: Tensor, branch: Branch) -> Tensor:
+        device = state.device.type
+        if not torch.is_autocast_enabled(device):
+            return forward(self, state, branch)
+        dtype, cache = torch.get_autocast_dtype(device), torch.is_autocast_cache_enabled()
+
+        def branch_under_autocast(h: Tensor) -> Tensor:
+            with torch.autocast(device, dtype=dtype, cache_enabled=cache):
+                return branch(h).to(h.dtype)
+
+        with torch.autocast(device, enabled=False):
+            return forward(self, state, branch_under_autocast)
+
+    return wrapper
 
 
 class Connection(nn.Module):
@@ -52,7 +83,8 @@ class Stream(nn.Module):
 
 
 class Residual(Connection):
-    """Pre-norm residual: ``h + T(h)``."""
+    """Pre-norm residual: ``h + T(h)``. Under autocast the sum promotes a bf16 branch output to the float32
+    stream, so it needs no ``stream_in_state_dtype``."""
 
     def forward(self, state: Tensor, branch: Branch) -> Tensor:
         return state + branch(state)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from racedit.connections.base import Branch, Connection, Stream
+from racedit.connections.base import Branch, Connection, Stream, stream_in_state_dtype
 from racedit.connections.config import ConnectionConfig
 from racedit.connections.hyper import DYNAMIC_SCALE_INIT
 
@@ -94,6 +94,7 @@ class FracConnection(Connection):
         post = self.dynamic_beta_scale * z[..., 2 * m] + self.static_post  # (B, L, m)
         return pre, res, post
 
+    @stream_in_state_dtype
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # state -> state, same layout
         """Token-major (B, L, D): read and mix as one batched (m x m) @ (m x D/m) product over the tokens each
         (static: the one matrix broadcast to every token as a stride-0 batch, which a broadcasting ``matmul`` would
@@ -118,6 +119,7 @@ class FracConnection(Connection):
         new = _FracWrite.apply(alias, self.static_res, self.static_post, out)  # (m, B L D/m)
         return new.view(state.shape)
 
+    @stream_in_state_dtype
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
         """The plain einsum formula (docs/spec/connections.md, FC), in the same layout as ``forward``."""
         if not self.fractions_first:

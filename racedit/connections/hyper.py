@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from racedit.connections.base import Branch, Connection, Stream
+from racedit.connections.base import Branch, Connection, Stream, stream_in_state_dtype
 from racedit.connections.config import ConnectionConfig
 
 DYNAMIC_SCALE_INIT = 0.01  # s_a = s_b at init (paper section 3.3)
@@ -182,6 +182,7 @@ class HyperConnection(Connection):
         z = self.dynamic_proj(self.norm(state))
         return torch.tanh(z) if self.use_tanh else z
 
+    @stream_in_state_dtype
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # state -> state, same layout
         if not self.streams_first:  # (B, L, n, D)
             return mix_streams(state, *self.coefficients(state), branch)
@@ -193,6 +194,7 @@ class HyperConnection(Connection):
         new = torch.mm(self.static_res.t(), flat).addr_(self.static_post, out.reshape(-1))  # (n, B L D)
         return new.view(state.shape)
 
+    @stream_in_state_dtype
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
         """The plain einsum formula (docs/spec/connections.md), in the same layout as ``forward``."""
         if not self.streams_first:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from racedit.connections.base import Branch, Connection, Stream
+from racedit.connections.base import Branch, Connection, Stream, stream_in_state_dtype
 from racedit.connections.config import ConnectionConfig
 from racedit.connections.hyper import (
     DYNAMIC_SCALE_INIT,
@@ -368,6 +368,7 @@ class ManifoldHyperConnection(Connection):
         project = sinkhorn_fast if fast else sinkhorn
         return pre, project(res_logits, self.sinkhorn_iters), post
 
+    @stream_in_state_dtype
     def forward(self, state: Tensor, branch: Branch) -> Tensor:  # (B, L, n, D) -> (B, L, n, D)
         """The fast path: everything read from the state before the branch (RMS, projection, the coefficients, the
         read) in one node, ``_ReadAndLogits``, then Sinkhorn, then the mix and write in one node,
@@ -395,6 +396,7 @@ class ManifoldHyperConnection(Connection):
         out = branch(h0.view(*lead, D))  # (B, L, D)
         return _MixAndWrite.apply(alias, res, post, out.reshape(-1, D)).view(state.shape)
 
+    @stream_in_state_dtype
     def reference_forward(self, state: Tensor, branch: Branch) -> Tensor:
         """The plain path: log-domain Sinkhorn under autograd, einsum read/mix/write."""
         return mix_streams_reference(state, *self.coefficients(state, fast=False), branch)

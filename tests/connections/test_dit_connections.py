@@ -123,6 +123,56 @@ def test_gradient_checkpointing_gives_the_same_gradients(residual: DiT) -> None:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- mixed precision
+
+# bf16 keeps 8 significant bits: a relative rounding of 2^-9 per operand of every matrix product under autocast.
+# Where two models feed a branch inputs that differ only by float32 rounding (mHC's read), one bf16 rounding in
+# ~10^4 may flip, by 2^-8 relative; and gradients summed in another order (HC's streams) flip roundings of the
+# bf16 operands of the branch's backward products likewise. Bound: a few flipped roundings (2^-8 each) through a
+# two-block net, with margin: 2^-5 of the norm.
+BF16_FLIP_RTOL = 2.0**-5
+
+
+def _stream_dtypes(model: DiT) -> tuple[list[torch.dtype], list]:
+    dtypes: list[torch.dtype] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for b in model.blocks]
+    return dtypes, hooks
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_under_bf16_autocast_keeps_a_float32_stream_and_equals_the_residual_dit(
+    residual: DiT, variant: str
+) -> None:
+    """``mixed_precision: bf16``: the connections' arithmetic stays in the state's float32 (the branch runs in
+    bf16), as the residual stream does, so at init the variant is still the residual DiT, forward and backward."""
+    model = _variant_like(residual, VARIANTS[variant]).eval()
+    x, t, y = _inputs()
+    shared = [n for n, p in residual.named_parameters() if p.requires_grad]
+    outs, grads = [], []
+    for net in (residual, model):
+        dtypes, hooks = _stream_dtypes(net)
+        params = dict(net.named_parameters())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, t, y)
+        for h in hooks:
+            h.remove()
+        assert dtypes == [torch.float32] * TINY["depth"], f"stream dtypes {dtypes}"
+        loss = out.float().square().mean()
+        grads.append(torch.autograd.grad(loss, [params[n] for n in shared], allow_unused=True))
+        outs.append(out)
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16  # the final linear runs under autocast
+    if VARIANTS[variant]["kind"] == "mhc":  # its read differs from the stream by float32 rounding
+        torch.testing.assert_close(outs[1], outs[0], rtol=BF16_FLIP_RTOL, atol=BF16_FLIP_RTOL)
+    else:  # HC and FC at init: the same float32 stream arithmetic, the same branch inputs, bitwise
+        assert torch.equal(outs[1], outs[0])
+    for name, g_res, g_var in zip(shared, *grads):
+        assert (g_res is None) == (g_var is None), name
+        if g_res is not None:
+            assert g_var.dtype == torch.float32, name
+            err = (g_var - g_res).norm() / g_res.norm().clamp(min=1e-30)
+            assert err <= BF16_FLIP_RTOL, f"{name}: relative gradient difference {err:.2e}"
+
+
 # ----------------------------------------------------------------------------- learning
 
 

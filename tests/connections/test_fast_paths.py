@@ -83,9 +83,54 @@ def test_static_fc_fractions_first_gemm_path(rate: int) -> None:
 @pytest.mark.parametrize("rate", [2, 4])
 def test_mhc_fast_path_matches_the_reference_in_float32(rate: int) -> None:
     conn = ManifoldHyperConnection(D, rate, index=1, sinkhorn_iters=20)
-    # float32 (Sinkhorn always runs in float32): 40 normalisations, each a relative rounding of ~6e-8,
-    # accumulate to ~2.4e-6 relative in either path; gradients pass back through the same 40 steps.
+    # float32: the reference's log-domain Sinkhorn runs in float32 (the fast path's in float64), 40
+    # normalisations, each a relative rounding of ~6e-8, accumulate to ~2.4e-6 relative; gradients pass back
+    # through the same 40 steps.
     _check(conn, torch.randn(B, L, rate, D), rtol=2e-5, atol=2e-5)
+
+
+# Under bf16 autocast the branch's product rounds its input to bf16 (8 significant bits); the two paths hand it
+# inputs that differ by float32 rounding, so a rounding may flip (2^-8 relative) in an element: 2^-5 covers a few.
+AUTOCAST_TOL = dict(rtol=2.0**-5, atol=2.0**-5)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        pytest.param(
+            lambda: HyperConnection(D, 2, index=1, streams_first=True), (2, B, L, D), id="HC-streams-first"
+        ),
+        pytest.param(lambda: HyperConnection(D, 4, index=1), (B, L, 4, D), id="HC-token-major"),
+        pytest.param(lambda: HyperConnection(D, 2, index=1, dynamic=True), (B, L, 2, D), id="DHC"),
+        pytest.param(
+            lambda: FracConnection(D, 2, fractions_first=True), (2, B, L, D // 2), id="FC-fractions-first"
+        ),
+        pytest.param(lambda: FracConnection(D, 4, dynamic=True), (B, L, D), id="DFC"),
+        pytest.param(lambda: ManifoldHyperConnection(D, 4, index=1), (B, L, 4, D), id="mHC"),
+    ],
+)
+def test_fast_path_under_bf16_autocast_keeps_the_state_float32_and_matches_the_reference(make, shape) -> None:
+    """``mixed_precision: bf16``: the branch runs in bf16, the connection's own arithmetic in the state's float32
+    (``stream_in_state_dtype``), in the fast path and the reference alike."""
+    conn = make()
+    _randomize(conn)
+    state = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    cotangent = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fn_name in ("forward", "reference_forward"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_values_and_grads(conn, state, fn_name, cotangent))
+    for out, state_grad, grads in results:
+        assert out.dtype == state_grad.dtype == torch.float32
+        assert all(g.dtype == torch.float32 for g in grads.values())
+    fast, ref = results
+    torch.testing.assert_close(fast[0], ref[0], **AUTOCAST_TOL)
+    torch.testing.assert_close(fast[1], ref[1], **AUTOCAST_TOL)
+    assert fast[2].keys() == ref[2].keys() and fast[2]
+    for name in ref[2]:
+        torch.testing.assert_close(
+            fast[2][name], ref[2][name], **AUTOCAST_TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("rate", [2, 4])

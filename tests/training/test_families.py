@@ -107,9 +107,41 @@ def test_gradient_checkpointing_gives_the_same_step(model: dict, tmp_path: Path,
     assert all(u == 1 for u in updates) and (bool(updates) == ("moe" in model))
 
 
-def test_bf16_autocast_steps_on_cpu(tmp_path: Path, one_thread) -> None:
-    trainer = _setup(tmp_path, mixed_precision="bf16")
-    losses = [trainer.train_step()["loss"] for _ in range(3)]
-    assert all(torch.isfinite(torch.tensor(losses)))
+# bf16 keeps 8 significant bits (relative rounding 2^-9 per operand of every product under autocast); the first
+# loss of a two-block model passes through ~10 such roundings of random sign, so it stays within ~2^-9 * 10 of
+# the float32 loss: 2^-5 leaves margin. (Later steps compare updated weights, where Adam's first steps, ~lr *
+# sign(g), would turn rounding-level gradient differences into lr-sized weight differences.)
+BF16_FIRST_LOSS_RTOL = 2.0**-5
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(None, id="race"),  # the tiny default: RaceDiT-S/2-2in8
+        pytest.param({"name": "DiT-S/2-mHCx2"}, id="dense-mHCx2"),
+        pytest.param({"name": "DiT-S/2-FCx2"}, id="dense-FCx2"),
+        pytest.param({"name": "RaceDiT-S/2-2in8-HCx2"}, id="race-HCx2"),
+    ],
+)
+def test_bf16_autocast_steps_on_cpu(model: dict | None, tmp_path: Path, one_thread) -> None:
+    """``mixed_precision: bf16`` trains every family (connections included: their stream stays float32), with
+    float32 master weights, from the float32 run's first loss within bf16 rounding."""
+    if model is not None:
+        model = {**model, "hidden_size": 32, "depth": 2, "num_heads": 2}
+    losses = {}
+    for precision in ("no", "bf16"):
+        trainer = _setup(tmp_path / precision, model=model, mixed_precision=precision)
+        g = torch.Generator().manual_seed(
+            7
+        )  # open adaLN-Zero's gates: at init every branch is multiplied by 0
+        with torch.no_grad():
+            for name, p in trainer.raw_model.named_parameters():
+                if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        torch.manual_seed(0)  # label dropout and the step's noise: the same draws in both runs
+        losses[precision] = [trainer.train_step()["loss"] for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses["bf16"])))
+    assert losses["bf16"][0] == pytest.approx(losses["no"][0], rel=BF16_FIRST_LOSS_RTOL)
+    assert losses["bf16"][0] != losses["no"][0]  # autocast really ran the forward in bf16
     assert all(p.dtype == torch.float32 for p in trainer.raw_model.parameters())  # fp32 master weights
     assert all(p.dtype == torch.float32 for p in trainer.ema.model.parameters())
