@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from racedit.connections import FracConnection, HyperConnection, ManifoldHyperConnection
-from racedit.connections.manifold import sinkhorn, sinkhorn_fast, sinkhorn_traced
+from racedit.connections.manifold import SINKHORN_FLOOR, sinkhorn, sinkhorn_fast, sinkhorn_traced
 
 D, B, L = 8, 2, 3
 
@@ -179,9 +179,10 @@ def test_sinkhorn_fast_matches_the_log_domain_reference(spread: float) -> None:
 @pytest.mark.parametrize("iters", [1, 2, 20])
 @pytest.mark.parametrize("spread", [1.0, 100.0])
 def test_sinkhorn_traced_equals_the_fast_path(iters: int, spread: float) -> None:
-    """The form ``torch.compile`` runs, eagerly under autograd: the same float64 iterates as the fast path,
-    floor included (spread 100 puts logits past it). Both compute in float64 and differ only in the order of
-    their sums (~1e-16 per op over 2 x iters normalisations); a wrong iterate or term is O(1e-2)."""
+    """The form ``torch.compile`` runs, eagerly under autograd: the same float64 iterates as the fast path
+    (spread 100: logits hundreds of nats apart; the floor itself is tested below). Both compute in float64 and
+    differ only in the order of their sums (~1e-16 per op over 2 x iters normalisations); a wrong iterate or term
+    is O(1e-2)."""
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(7, 4, 4, generator=g, dtype=torch.float64) * spread).requires_grad_(True)
     cotangent = torch.randn(7, 4, 4, generator=g, dtype=torch.float64)
@@ -190,6 +191,31 @@ def test_sinkhorn_traced_equals_the_fast_path(iters: int, spread: float) -> None
     (gt,) = torch.autograd.grad((traced * cotangent).sum(), logits)
     torch.testing.assert_close(traced, fast, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(gt, gf, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [sinkhorn_fast, sinkhorn_traced], ids=["fast", "traced"])
+def test_sinkhorn_floor_gives_zero_gradient_past_700_nats_and_the_reference_elsewhere(fn) -> None:
+    """Logits more than 700 nats below their row's maximum are raised to that floor (``SINKHORN_FLOOR``) and get
+    zero gradient. Their true weight exp(-750) or exp(-1000) underflows float64 to 0 in the log-domain reference
+    too, so both paths agree everywhere: floored values differ by ~e^-700 ~ 1e-304, far below the tolerance; the
+    rest in float64 rounding (~1e-16 per op over 40 normalisations)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 4, 4, generator=g, dtype=torch.float64)
+    logits[0, 1, 2] -= 1000.0
+    logits[2, 3, 0] -= 750.0
+    logits[3, 0] -= 800.0  # a whole row far below the others: the row shift cancels, nothing is floored there
+    floored = (logits - logits.amax(-1, keepdim=True)) < SINKHORN_FLOOR
+    assert floored.sum() == 2
+    logits.requires_grad_(True)
+    cotangent = torch.randn(4, 4, 4, generator=g, dtype=torch.float64)
+    out = fn(logits, 20)
+    (grad,) = torch.autograd.grad((out * cotangent).sum(), logits)
+    ref = sinkhorn(logits, 20)
+    (grad_ref,) = torch.autograd.grad((ref * cotangent).sum(), logits)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert torch.all(grad[floored] == 0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_compiled_sinkhorn_takes_the_traced_form_once_per_model() -> None:

@@ -54,6 +54,8 @@ def test_grouped_path_equals_dense_masked_forward_and_backward(strategy):
     got = dispatch.expert_ffn(x, plan, *params, "torch")
     want = dense_masked_moe(x, mask.float(), scores, *params)
     assert int(plan.counts.sum()) == T * 2 and (plan.counts < T).all()  # never every expert on every token
+    # float32, per-expert GEMMs against one einsum over every expert: sums of D = 16 and H = 8 terms of O(1) in
+    # another order, a few 6e-8 roundings each (~1e-6); gradients sum over at most T = 24 tokens more: 1e-5
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     cot = torch.randn(T, D)
     inputs = [x, scores, *params]
@@ -73,7 +75,8 @@ def test_layer_forward_equals_dense_reference_and_router_gets_gradient():
     scores = layer.router(x)[1]  # identity gating
     mask = select(scores.detach().view(2, 6, 4), "race", 2).view(12, 4)
     want = dense_masked_moe(x, mask.double(), scores, layer.w1, layer.b1, layer.w2, layer.b2)
-    torch.testing.assert_close(out.view(12, 16), want, rtol=1e-5, atol=1e-6)
+    # float64, the same products summed in another order: ~(D + H) * 1e-16 relative, with margin
+    torch.testing.assert_close(out.view(12, 16), want, rtol=1e-12, atol=1e-12)
     out.square().sum().backward()  # the gates carry the gradient into the router
     assert layer.router.gate.weight.grad.abs().sum() > 0
     assert layer.router.trunk.weight.grad.abs().sum() > 0
@@ -177,12 +180,34 @@ def test_ablation_default_size_without_routers():
 @pytest.mark.parametrize("router", ["race", "token", "expert", "bl", "be", "le"])
 @pytest.mark.parametrize("gating", ["identity", "softmax"])
 def test_every_baseline_runs_in_the_model(router, gating):
+    """Inside the model each MoE layer routes with the configured router and gating: its output (captured in a
+    training forward) equals every expert on every token masked by ``select`` of that router on the gated
+    scores, and the loss reaches the experts and the router."""
     model = tiny_model(router=router, gating=gating)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # open adaLN-Zero's gates, so that the loss reaches the MoE layers
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    layer = model.blocks[1].mlp
+    seen = []
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append((args[0].detach(), out.detach())))
     x, t, y = batch(B=2)
     out = model(x, t, y)
+    hook.remove()
     assert out.shape == (2, 8, 8, 8) and torch.isfinite(out).all()
     out.sum().backward()
-    assert model.blocks[1].mlp.w1.grad is not None
+    assert layer.w1.grad is not None and layer.router.gate.weight.grad.abs().sum() > 0
+    (h, got), (B, L, D) = seen[0], seen[0][0].shape
+    with torch.no_grad():
+        logits = layer.router(h.reshape(B * L, D))[1]
+        scores = {"identity": logits, "softmax": torch.softmax(logits, -1)}[gating]
+        mask = select(scores.view(B, L, -1), router, 2).view(B * L, -1)
+        want = dense_masked_moe(
+            h.reshape(B * L, D), mask.float(), scores, layer.w1, layer.b1, layer.w2, layer.b2
+        )
+    # float32, the same products summed in another order (einsum over all experts against per-expert GEMMs)
+    torch.testing.assert_close(got.view(B * L, D), want, rtol=1e-5, atol=1e-5)
 
 
 def test_threshold_is_persistent_state():
