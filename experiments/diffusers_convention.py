@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ckpt", required=True, help="a racedit-loadable model (e.g. runs/demo/final)")
     p.add_argument("--n", type=int, default=64, help="inputs per timestep in the forward table")
     p.add_argument("--per-class", type=int, default=50, help="digits model: samples per class (demo: 50)")
-    p.add_argument("--steps", type=int, default=25, help="digits model: sampling steps (demo: 25)")
+    p.add_argument("--steps", type=int, default=25, help="digits model: sampling steps (the demo uses 10)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="digits model: guidance (demo: 2.0)")
     p.add_argument("--seed", type=int, default=10_000, help="seed (the demo report uses sample.seed + 10000)")
     args = p.parse_args(argv)

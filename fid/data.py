@@ -1,7 +1,7 @@
 """Image sources for evaluation: ADM ``.npz`` files, folders of images, ``sample.py`` output folders.
 
 All sources yield uint8 batches (B, H, W, 3) in a fixed order and have a content hash (the key of the
-feature cache). docs/spec/evaluation.md, "Sample file": ``arr_0`` uint8 (N, H, W, 3); samples are PNG or raw
+feature cache). docs/spec/evaluation.md, "Samples": ``arr_0`` uint8 (N, H, W, 3); samples are PNG or raw
 uint8, never JPEG (JPEG is accepted, with a warning, only for reference folders such as ImageNet).
 """
 

@@ -1,7 +1,7 @@
 """InceptionV3 features for the ADM protocol, on torch-fidelity's port ("inception-v3-compat").
 
-docs/spec/evaluation.md, "Network and weights" / "Metrics": torch-fidelity reproduces TF1's bilinear resize to
-299 and the (x - 128) / 128 normalisation. We take from one forward pass:
+docs/spec/evaluation.md, "Network and weights" / "FID" / "sFID": torch-fidelity reproduces TF1's bilinear
+resize to 299 and the (x - 128) / 128 normalisation. We take from one forward pass:
 
 - ``pool``:    pool_3, (N, 2048), for FID, precision/recall, KID and (through the unbiased logits) IS;
 - ``spatial``: TF's ``mixed_6/conv:0`` = the ReLU output of ``Mixed_6d.branch1x1`` (torch-fidelity's

@@ -1,7 +1,8 @@
 """The ADM metrics from features: FID, sFID, Inception Score, precision/recall; KID as an extra.
 
-Definitions follow docs/spec/evaluation.md "Metrics (ADM definitions)", i.e. guided-diffusion's
-``evaluations/evaluator.py``. Everything here works on features (numpy or torch), not images.
+Definitions follow docs/spec/evaluation.md, "FID", "sFID", "IS" and "Precision and recall", i.e.
+guided-diffusion's ``evaluations/evaluator.py``. Everything here works on features (numpy or torch), not
+images.
 """
 
 from __future__ import annotations

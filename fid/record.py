@@ -1,8 +1,8 @@
 """Provenance records: one JSON per evaluation, carrying every column docs/spec/evaluation.md asks for.
 
-docs/spec/evaluation.md, "What must be recorded with every result": model, total/activated params, training
-iterations x batch, VAE, objective, sampler and steps, CFG scale (+ interval, channels), number of
-samples, label sampling, reference batch, quantisation, weights hash, metric implementation version.
+docs/spec/evaluation.md, "Recorded with every result (the leaderboard's columns)": model, total/activated
+params, training iterations x batch, VAE, objective, sampler and steps, CFG scale (+ interval, channels),
+number of samples, label sampling, reference batch, quantisation, weights hash, metric implementation version.
 
 The run columns are copied from the sample.py JSON record found next to the samples (looked up by the
 names in ``RUN_FIELDS``, at the top level or as the last part of a nested key, so ``{"sampler":

@@ -1,7 +1,9 @@
 """``racedit-analyze``: analyses of a trained checkpoint.
 
-  racedit-analyze norms --ckpt runs/demo/checkpoints/step_00001200 --out runs/demo/analysis
+  racedit-analyze norms --ckpt runs/demo/checkpoints/step_00000800 --out runs/demo/analysis
       per-layer output norms over noise levels (racedit/analysis/norms.py): norms.csv and norms.png
+      (step_00000800 is the last checkpoint of a demo run that completed its 800 steps; a run the time
+      budget cut short ends at its own step)
 
 The data are the checkpoint's training data: the run config (``config.yaml`` in the checkpoint folder or
 its parent, or ``--config``) names them; ``--data digits`` or ``--data LATENT_DIR`` overrides it. The

@@ -21,7 +21,8 @@ class ConnectionConfig:
     tanh: bool = True  # HC/FC dynamic: tanh on the dynamic projections
     sinkhorn_iters: int = 20  # mHC: Sinkhorn-Knopp iterations
     # HC: the std of each sublayer's output projection (attention proj, MLP fc2 / expert w2) at init is
-    # multiplied by sqrt(n), as the hyper-connection paper does (docs/design.md, "Connections")
+    # multiplied by sqrt(n), as the hyper-connection paper does (docs/design.md, "Connections: layout, fast
+    # paths, and the hyper-connection init")
     scale_output_init: bool = True
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """Frac-connections (Zhu et al., arXiv 2503.14125): the residual stream split into m fractions.
 
-docs/spec/connections.md, "Frac-connections (FC), m fractions". Instead of n copies, the width-D stream is
+docs/spec/connections.md, "FC". Instead of n copies, the width-D stream is
 viewed as m fractions of width D/m: ``H = reshape(h, (m, D/m))``. The state stays (B, L, D), so the
 model-level stream is the plain one (no expand, no collapse). Per sublayer:
 
@@ -15,12 +15,13 @@ fraction i, and (D/m) -> 1 gives B[i]; scaled by s_a, s_b after an optional tanh
 Initialisation: W = 0, s = 0.01, Y = A = I, B = 1. Then h0 = h and H <- T(h) + H: exactly the
 pre-norm residual network, with no scale factor.
 
-Layout and speed (docs/design.md, "Connections: layout and fast paths"). Static FC keeps the stream
-fraction-major, ``(m, B, L, D/m)`` (``FracStream``), as static HC keeps its streams first: then the read and the
-mix are each one (m x m) @ (m x B L D/m) GEMM, and so are their backward products, including the gradients of Y
-and A (in the token-major layout these are T batched (m x D/m) @ (D/m x m) products summed over the tokens). The
-price is one transposing copy of the sublayer input h0 (and of its gradient) into the token-major (B, L, D) that
-the branch takes. Dynamic FC has per-token coefficients and keeps the token-major ``(B, L, D)`` state.
+Layout and speed (docs/design.md, "Connections: layout, fast paths, and the hyper-connection init"). Static FC
+keeps the stream fraction-major, ``(m, B, L, D/m)`` (``FracStream``), as static HC keeps its streams first:
+then the read and the mix are each one (m x m) @ (m x B L D/m) GEMM, and so are their backward products,
+including the gradients of Y and A (in the token-major layout these are T batched (m x D/m) @ (D/m x m)
+products summed over the tokens). The price is one transposing copy of the sublayer input h0 (and of its
+gradient) into the token-major (B, L, D) that the branch takes. Dynamic FC has per-token coefficients and
+keeps the token-major ``(B, L, D)`` state.
 """
 
 from __future__ import annotations

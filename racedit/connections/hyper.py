@@ -1,6 +1,6 @@
 """Hyper-connections (Zhu et al., ICLR 2025, arXiv 2409.19606): n copies of the residual stream.
 
-docs/spec/connections.md, "Hyper-connections (HC), expansion rate n". The state is ``H`` of shape (B, L, n, D).
+docs/spec/connections.md, "HC". The state is ``H`` of shape (B, L, n, D).
 Each sublayer T reads a weighted sum of the streams and writes its output back to every stream,
 while the streams are mixed among themselves:
 
@@ -24,13 +24,14 @@ of about eps (1 - 1/n^2) / (2 var(x)) that grows where a token's variance is sma
 therefore collapses with the *mean* of the streams, which equals the residual stream exactly at init
 (a fixed 1/n that the following LayerNorm would remove anyway, so nothing is lost in expressiveness).
 
-Layout and speed (docs/design.md, "Connections: layout and fast paths"). The update is memory-bound: its
-FLOPs are a few per element, so its cost is the number of passes over the n-copy state. Static HC keeps the
-state stream-major, ``(n, B, L, D)``: then the read is one (1 x n) @ (n x BLD) product and the mix plus write
-is one (n x n) @ (n x BLD) GEMM followed by an in-place rank-1 update, and autograd saves only the state
-itself (the GEMMs' backward reads it). Dynamic HC has per-token coefficients and keeps the token-major
-``(B, L, n, D)`` layout, where read and mix are batched (1 x n) and (n x n) products per token. Both paths
-have the plain einsum formula beside them (``reference_forward``), tested to agree in values and gradients.
+Layout and speed (docs/design.md, "Connections: layout, fast paths, and the hyper-connection init"). The
+update is memory-bound: its FLOPs are a few per element, so its cost is the number of passes over the n-copy
+state. Static HC keeps the state stream-major, ``(n, B, L, D)``: then the read is one (1 x n) @ (n x BLD)
+product and the mix plus write is one (n x n) @ (n x BLD) GEMM followed by an in-place rank-1 update, and
+autograd saves only the state itself (the GEMMs' backward reads it). Dynamic HC has per-token coefficients and
+keeps the token-major ``(B, L, n, D)`` layout, where read and mix are batched (1 x n) and (n x n) products per
+token. Both paths have the plain einsum formula beside them (``reference_forward``), tested to agree in values
+and gradients.
 """
 
 from __future__ import annotations

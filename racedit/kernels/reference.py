@@ -70,8 +70,8 @@ class _GatherGates(torch.autograd.Function):
     """``sorted_gate = scores[sorted_token, sorted_expert]``; dScores[t, e] = dGate[slot[t, e]] or 0.
 
     Every (t, e) owns at most one slot, so the backward is a dense gather + write with no
-    scatter/atomics (docs/spec/kernels.md, "Backward reuses slot"). ``values`` lets a kernel pass the gates it
-    already wrote during its scatter.
+    scatter/atomics (docs/spec/kernels.md, "Design that needs no sort": the backward reuses ``slot``).
+    ``values`` lets a kernel pass the gates it already wrote during its scatter.
     """
 
     @staticmethod
@@ -140,7 +140,8 @@ def check_scores(scores: Tensor) -> None:
 def race_plan(
     scores: Tensor, k_total: int | None = None, tau: Tensor | float | None = None, ties: Ties = "index"
 ) -> RoutePlan:
-    """Expert race over all T*E scores (docs/spec/race-dit.md section 3; docs/spec/kernels.md "What the kernel computes").
+    """Expert race over all T*E scores (docs/spec/race-dit.md section 3; docs/spec/kernels.md, "What routing
+    computes").
 
     Training (``k_total`` = K): exact top-K of the flattened scores, ties broken by lowest flat index
     t*E+e (``ties="index"``) or every score >= the K-th value kept (``ties="all"``); -0.0 == +0.0.

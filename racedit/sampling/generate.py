@@ -34,7 +34,7 @@ QUANTIZATIONS: dict[str, str] = {
 def to_uint8(images: Tensor, quantization: Quantization = "dit") -> Tensor:
     """(N, C, H, W) images in [-1, 1] -> (N, H, W, 3) uint8 on the CPU; C = 1 is repeated to 3 channels.
 
-    The two conventions papers use (docs/spec/evaluation.md, "Sample preprocessing"): ``dit`` rounds,
+    The two conventions papers use (docs/spec/evaluation.md, "Samples"): ``dit`` rounds,
     ``adm`` truncates (half a grey level darker on average). Record which one a result used."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(images.shape)}")

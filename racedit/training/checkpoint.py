@@ -1,6 +1,6 @@
 """Training checkpoints: atomic, self-checking, loadable without executing pickled code.
 
-Layout of ``<output_dir>/checkpoints/step_0001000/``::
+Layout of ``<output_dir>/checkpoints/step_00001000/``::
 
     model/  config.json + model.safetensors   live weights and buffers (save_pretrained format)
     ema/    config.json + model.safetensors   EMA weights (fp32); ``racedit.load_model(dir)`` reads this one
@@ -10,7 +10,7 @@ Layout of ``<output_dir>/checkpoints/step_0001000/``::
     config.yaml                               the resolved run config (model section fully resolved)
     manifest.json                             size and sha256 of every file above; written last
 
-A checkpoint is written into ``.tmp-step_0001000`` and renamed when complete, so a crash never leaves
+A checkpoint is written into ``.tmp-step_00001000`` and renamed when complete, so a crash never leaves
 a directory that looks finished. Loading reads tensors with safetensors and everything else with
 ``torch.load(weights_only=True)``; Accelerate's ``load_state`` unpickles with ``weights_only=False``, which
 is why we do not use it.

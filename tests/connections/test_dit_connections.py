@@ -1,5 +1,5 @@
 """Connections inside (Race-)DiT: equality with the residual DiT at init, learning, save/load,
-official-DiT initialisation, weight-decay groups, Race-DiT blocks (issue 5, docs/spec/connections.md)."""
+official-DiT initialisation, weight-decay groups, Race-DiT blocks (docs/spec/connections.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from racedit.models.dit import DiT
 
 TINY = dict(input_size=8, num_classes=10, hidden_size=32, depth=2, num_heads=2)
 
-# Every variant the issue names: HC n in {1, 2, 4} and FC m in {1, 2, 4}, static and dynamic; mHC.
+# Every variant docs/spec/connections.md names ("Properties the tests pin down"): HC n in {1, 2, 4} and
+# FC m in {1, 2, 4}, static and dynamic; mHC.
 VARIANTS = {
     **{
         f"{'D' if d else ''}HCx{n}": dict(kind="hc", rate=n, dynamic=d)
@@ -244,7 +245,7 @@ def test_save_load_round_trip_is_bitwise(residual: DiT, variant: str, tmp_path: 
 def test_official_dit_weights_initialise_a_connection_dit(
     residual: DiT, variant: str, tmp_path: Path
 ) -> None:
-    """Issue item 4: an official-layout DiT state dict (.pt) loaded into an HC/FC/mHC DiT gives the
+    """An official-layout DiT state dict (.pt) loaded into an HC/FC/mHC DiT gives the
     residual DiT's outputs before any fine-tuning."""
     state = residual.state_dict()
     assert not any(CONN_KEY.search(k) for k in state)  # the official layout has no connection keys

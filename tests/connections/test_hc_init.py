@@ -1,7 +1,8 @@
 """The hyper-connection paper's init of the sublayer outputs: the std of each output projection's initial
-weights is multiplied by sqrt(n) (docs/design.md, "Connections"). In a DiT block the output projections are
-the attention ``proj`` and the MLP's ``fc2`` (every expert's ``w2`` in a Race-DiT block); the adaLN-Zero gates
-stay zero, so the network still starts as the residual DiT, exactly."""
+weights is multiplied by sqrt(n) (docs/design.md, "Connections: layout, fast paths, and the hyper-connection
+init"). In a DiT block the output projections are the attention ``proj`` and the MLP's ``fc2`` (every
+expert's ``w2`` in a Race-DiT block); the adaLN-Zero gates stay zero, so the network still starts as the
+residual DiT, exactly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Opt-in: reproduce ADM's golden numbers (docs/spec/evaluation.md, "Golden numbers for a self-check").
+"""Opt-in: reproduce ADM's golden numbers (docs/spec/evaluation.md, "Golden numbers").
 
 Needs ADM's sample batch, its reference batch and the Inception weights; skipped when any is absent:
   RACEDIT_FID_GOLDEN_SAMPLES=/path/admnet_guided_upsampled_imagenet256.npz

@@ -1,4 +1,5 @@
-"""Triton-vs-reference checks run under TRITON_INTERPRET=1 in a subprocess (docs/spec/kernels.md, "Testing").
+"""Triton-vs-reference checks run under TRITON_INTERPRET=1 in a subprocess (docs/spec/kernels.md,
+"Testing without a GPU").
 
 Usage: ``python tests/kernels/interp_checks.py GROUP`` (GROUP: routing, edges, ffn, ffn_bf16, layer). The
 interpreter must be switched on before the kernels are defined, and an out-of-bounds access can kill

@@ -3,7 +3,7 @@
 The interpreter must be on before the kernels are defined and an out-of-bounds access can crash the
 process, so ``interp_checks.py`` runs outside pytest's process; its assertions compare the Triton
 layout with the reference exactly (integers, gates, K-th value) and the expert FFN's output and
-gradients within dtype tolerance (docs/spec/kernels.md, "Testing on a machine without a GPU").
+gradients within dtype tolerance (docs/spec/kernels.md, "Testing without a GPU").
 """
 
 from __future__ import annotations

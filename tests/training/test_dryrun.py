@@ -126,9 +126,10 @@ def test_recipe_xl_dry_run_on_a_cpu_machine(latents, capsys):
     out = capsys.readouterr().out
     assert report.full_model_run is False and "a copy with 2 blocks at width 1152" in out
     assert report.checkpoint_ok is True and len(report.step_times) == 2
-    # The zoo's RaceDiT-XL/2-4in32 (1000 classes, 32x32 latents) has 2,796,156,064 parameters. On these
-    # latents: 4 tokens instead of 256 (position embedding), 3 + 1 label rows instead of 1000 + 1, and the
-    # recipe's PLR adds one target head per MoE layer, 1152 -> 2 x 2 x 4 values per token (with bias).
+    # The zoo's RaceDiT-XL/2-4in32 (1000 classes, 32x32 latents) has 2,796,156,064 parameters without PLR
+    # heads. On these latents: 4 tokens instead of 256 (position embedding), 3 + 1 label rows instead of
+    # 1000 + 1, and the recipe's PLR adds one target head per MoE layer, 1152 -> 2 x 2 x 4 values per token
+    # (with bias).
     expected = 2_796_156_064 - (256 - 4) * 1152 - (1001 - 4) * 1152 + 28 * (1152 * 16 + 16)
     assert report.params_total == expected
     assert report.memory["DDP"]["total"] > 50 * 2**30  # ~52 GiB per GPU: the reason for FSDP
