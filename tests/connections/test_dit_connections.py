@@ -120,8 +120,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(residual: DiT) -> None:
         model(x, t, y).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+    for name in grads[0]:  # the recomputed forward runs the same ops on the same inputs: bitwise
+        assert torch.equal(grads[0][name], grads[1][name]), name
 
 
 # ----------------------------------------------------------------------------- mixed precision
