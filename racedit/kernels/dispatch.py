@@ -120,9 +120,17 @@ def expert_ffn(
     """Gate-weighted sum of the selected experts' outputs per token: x (T, D) -> (T, D).
 
     w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D); the expert is GELU_tanh(x w1 + b1) w2 + b2.
+
+    Under autocast the experts compute in the autocast dtype whatever the implementation, as a dense MLP's
+    ``nn.Linear`` layers do: x is cast first (differentiably; its gradient comes back in its own dtype), and
+    every implementation computes in x's dtype. Without the cast the Triton kernels and ``torch._grouped_mm``,
+    which autocast does not know, would run in float32 (the block hands the MLP slot LayerNorm's float32
+    output), where the reference's per-expert ``addmm`` already ran in bf16.
     """
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if impl == "grouped_mm":
         from racedit.kernels import grouped_mm
 

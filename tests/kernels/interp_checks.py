@@ -238,6 +238,30 @@ def group_ffn_bf16() -> None:
     print("OK ffn_bf16")
 
 
+def group_ffn_autocast() -> None:
+    """Under bf16 autocast the Triton path computes in bf16, as the reference's per-expert addmm does (autocast
+    casts those; the dispatch casts x for the kernels): bf16 output, float32 gradients for float32 inputs, and
+    the reference's values under the same autocast within bf16 rounding (both round operands and intermediates to
+    bf16 at different points, 2^-8 relative each: 2e-2 of the largest magnitude, as group ffn_bf16)."""
+    g = torch.Generator().manual_seed(4)
+    params = make_params(64, 32, 4, 32, torch.float32, g)
+    grad_out = torch.randn(64, 32, generator=g)
+    results = {}
+    for impl in ("triton", "torch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[impl] = run_ffn(
+                params, grad_out, impl, lambda s, i: dispatch.race_plan(s, k_total=128, impl=i)
+            )
+    got, want = results["triton"], results["torch"]
+    assert got[0].dtype == want[0].dtype == torch.bfloat16, (got[0].dtype, want[0].dtype)
+    assert all(a.dtype == torch.float32 for a in got[1:]), [a.dtype for a in got[1:]]
+    for name, a, b in zip(("out", "dx", "dscores", "dw1", "db1", "dw2", "db2"), got, want):
+        scale = b.float().abs().max().item() + 1e-6
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 2e-2 + 2e-2 * scale, f"autocast: {name} max err {err:.3e} (scale {scale:.3e})"
+    print("OK ffn_autocast")
+
+
 def group_layer() -> None:
     """The MoE layer (the kernels' one consumer) through impl="triton" equals impl="torch"."""
     from racedit.moe import MoEConfig, MoEFeedForward
@@ -263,6 +287,7 @@ GROUPS = {
     "edges": group_edges,
     "ffn": group_ffn,
     "ffn_bf16": group_ffn_bf16,
+    "ffn_autocast": group_ffn_autocast,
     "layer": group_layer,
 }
 

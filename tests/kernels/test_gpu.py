@@ -97,3 +97,25 @@ def test_grouped_mm_on_gpu_matches_reference(T, k, tau):
     _assert_close_bf16(
         _run(params, go, "grouped_mm", k, tau), _run(params, go, "torch", k, tau), "grouped_mm"
     )
+
+
+def test_moe_layer_under_bf16_autocast_runs_the_experts_in_bf16_on_every_impl():
+    """The trainer's mixed precision: float32 weights and activations (the block hands the MLP slot LayerNorm's
+    float32 output) under bf16 autocast. Every impl computes the experts in bf16 (the dense MLP's nn.Linear does
+    the same) and agrees with the others within bf16 rounding."""
+    from racedit.moe import MoEConfig, MoEFeedForward
+
+    h = torch.randn(4, 64, 128, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    outs = {}
+    for impl in ("torch", "triton", "grouped_mm"):
+        torch.manual_seed(0)
+        layer = MoEFeedForward(128, 512, MoEConfig(num_experts=8, k=2, impl=impl), 0, 16).cuda().train()
+        if impl == "grouped_mm" and grouped_mm.supports(h.bfloat16(), layer.w1) is not None:
+            continue  # bf16 on sm90 or newer
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(h)
+        assert out.dtype == torch.bfloat16, impl
+        outs[impl] = out.float()
+    for impl, out in outs.items():
+        ref = outs["torch"]
+        assert (out - ref).abs().max() <= BF16_RTOL_OF_MAX * ref.abs().max() + BF16_ATOL, impl

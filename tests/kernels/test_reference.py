@@ -173,6 +173,33 @@ def test_grouped_mm_path_matches_reference(T: int, K: int):
         assert all(torch.count_nonzero(a) == 0 for a in (out, *got))
 
 
+# bf16 keeps 8 significant bits; the expert computation rounds its operands and its intermediates (pre-activation,
+# expert output, gated output) to bf16, 2^-8 relative each: ~1.2e-2 of the largest magnitude for three, so 3e-2
+# leaves margin; the absolute term covers entries near 0 at the O(1-10) scale of these activations.
+BF16_RTOL_OF_MAX, BF16_ATOL = 3e-2, 1e-2
+
+
+@pytest.mark.parametrize("impl", ["torch", "grouped_mm"])
+def test_expert_ffn_follows_autocast_in_every_impl(impl: str):
+    """Under bf16 autocast every implementation computes the experts in bf16, as the dense MLP's nn.Linear layers
+    do (the block hands the MLP slot float32 activations), with float32 gradients for float32 inputs; the values
+    are the float32 computation's within bf16 rounding. (The Triton path: tests/kernels/interp_checks.py.)"""
+    params = [p.detach().float().requires_grad_() for p in make_params(D=16, H=32)]
+    x, s, w1, b1, w2, b2 = params
+    plan = reference.race_plan(s, k_total=100)
+    g = torch.randn(48, 16, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dispatch.expert_ffn(x, plan, w1, b1, w2, b2, impl=impl)
+    assert out.dtype == torch.bfloat16
+    got = torch.autograd.grad((out.float() * g).sum(), params, retain_graph=True)
+    want_out = reference.expert_ffn(x, plan, w1, b1, w2, b2)  # float32
+    want = torch.autograd.grad((want_out * g).sum(), params)
+    for name, a, b in zip(("out", "x", "scores", "w1", "b1", "w2", "b2"), (out, *got), (want_out, *want)):
+        assert name == "out" or a.dtype == torch.float32, name
+        err = (a.float() - b).abs().max()
+        assert err <= BF16_RTOL_OF_MAX * b.abs().max() + BF16_ATOL, f"{name}: max error {err:.3e}"
+
+
 def test_grouped_mm_names_alignment_errors():
     x, s, _, b1, _, _ = [p.detach().float() for p in make_params(D=16, H=32)]
     plan = reference.race_plan(s, k_total=100)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 
 
-@pytest.mark.parametrize("group", ["routing", "edges", "ffn", "ffn_bf16", "layer"])
+@pytest.mark.parametrize("group", ["routing", "edges", "ffn", "ffn_bf16", "ffn_autocast", "layer"])
 def test_triton_matches_reference_under_interpreter(group: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
