@@ -300,13 +300,16 @@ def _train_step(name: str, shapes: Shapes, compiled: bool, batch: int, impl: str
     y = torch.randint(0, model.arch.num_classes, (batch,), generator=g).to(shapes.device)
     autocast = shapes.dtype == "bfloat16"
 
+    def forward(*args, **kwargs):  # autocast around the model only, as the trainer (Accelerate) does
+        with torch.autocast(shapes.device, dtype=torch.bfloat16, enabled=autocast):
+            return net(*args, **kwargs)
+
     def step(x0=x0, y=y) -> float:
         aux = ForwardAux()
-        with torch.autocast(shapes.device, dtype=torch.bfloat16, enabled=autocast):
-            lo = objective.training_loss(net, x0, y, aux=aux)
-            loss = lo.loss
-            if model.arch.moe is not None:
-                loss = loss + sum(aux_losses(aux, model.patchify(lo.target), model.arch.moe).values())
+        lo = objective.training_loss(forward, x0, y, aux=aux)
+        loss = lo.loss
+        if model.arch.moe is not None:  # in float32: the co-selection counts of RSL stay exact
+            loss = loss + sum(aux_losses(aux, model.patchify(lo.target), model.arch.moe).values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -25,8 +25,10 @@ from the compiler; the router, the gating and the rest of the block stay compile
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import warnings
 from typing import Literal, get_args
 
 import torch
@@ -78,13 +80,20 @@ def use_triton(t: Tensor, impl: RoutingImpl) -> bool:
     return t.is_cuda and triton_available()
 
 
+def on_device(t: Tensor):
+    """Triton launches on the current CUDA device and stream, not on its tensors' device: make ``t``'s device
+    current for the launch (a ``sample.py --device cuda:1`` process never calls ``set_device``)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.compiler.disable  # data-dependent shapes: eager under torch.compile (module docstring)
 def plan_from_mask(mask: Tensor, gates: Tensor, impl: RoutingImpl = "auto") -> RoutePlan:
     """Sorted (expert-major) layout of any strategy's selection mask (T, E); gates (T, E) per pair."""
     if use_triton(gates, impl):
         from racedit.kernels.triton_routing import build_plan
 
-        return build_plan(gates, mask=mask)
+        with on_device(gates):
+            return build_plan(gates, mask=mask)
     return reference.plan_from_mask(mask, gates)
 
 
@@ -109,7 +118,8 @@ def race_plan(
     if use_triton(scores, impl):
         from racedit.kernels.triton_routing import build_plan
 
-        return build_plan(scores, k_total=k_total, tau=tau, ties=ties)
+        with on_device(scores):
+            return build_plan(scores, k_total=k_total, tau=tau, ties=ties)
     return reference.race_plan(scores, k_total=k_total, tau=tau, ties=ties)
 
 
@@ -131,6 +141,14 @@ def expert_ffn(
         raise ValueError(f"expert impl must be one of {EXPERT_IMPLS}, got {impl!r}")
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    if impl == "grouped_mm" and x.is_cuda and x.dtype != torch.bfloat16:
+        # torch._grouped_mm takes only bf16 on CUDA; a run that trains with it under bf16 autocast still has
+        # float32 forwards (preview grids and sampling without autocast): those run the device's default
+        warnings.warn(
+            f"impl='grouped_mm' needs bf16 on CUDA; this {x.dtype} forward runs impl='auto' (Triton)",
+            stacklevel=2,
+        )
+        impl = "auto"
     if impl == "grouped_mm":
         from racedit.kernels import grouped_mm
 
@@ -138,5 +156,6 @@ def expert_ffn(
     if use_triton(x, impl):
         from racedit.kernels import triton_experts
 
-        return triton_experts.expert_ffn(x, plan, w1, b1, w2, b2)
+        with on_device(x):
+            return triton_experts.expert_ffn(x, plan, w1, b1, w2, b2)
     return reference.expert_ffn(x, plan, w1, b1, w2, b2)

@@ -5,6 +5,12 @@ Same semantics as ``reference.expert_ffn``. ``torch._grouped_mm(a (K, D), b (E, 
 every stride to be a multiple of 16 bytes (D and H multiples of 8 for bf16/fp16, of 4 for fp32). In
 torch 2.14 it takes fp32/bf16/fp16 on CPU and bf16 on CUDA sm90+. The gather of ``x[sorted_token]``
 and the bias rows are materialised here (the Triton path fuses them into its loads).
+
+No gradient here is an atomic sum (docs/spec/kernels.md, "Design that needs no sort"): the rows are gathered by
+``reference._GatherRows`` (backward: the deterministic combine) and the biases added by ``_ExpertBias``
+(backward: a float32 sum over each expert's contiguous rows). Plain ``index_select`` would backpropagate by
+``index_add_``, on CUDA atomic adds, for the biases ~K/E rows into each bias row in bf16, rounding after every
+add (the sum of thousands of rows stalls) and in no fixed order.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from racedit.kernels.reference import RoutePlan, _apply_gate, combine
+from racedit.kernels.reference import RoutePlan, _apply_gate, _GatherRows, combine
 
 
 def supports(x: Tensor, w1: Tensor) -> str | None:
@@ -36,11 +42,30 @@ def expert_ffn(x: Tensor, plan: RoutePlan, w1: Tensor, b1: Tensor, w2: Tensor, b
     if reason is not None:
         raise ValueError(f"{reason}; use impl='torch' or 'triton' instead")
     offs = plan.offsets[1:].to(torch.int32)  # (E,) cumulative ends
-    rows = x.index_select(0, plan.sorted_token)  # (K, D)
-    z = torch._grouped_mm(rows, w1.to(x.dtype), offs=offs) + b1.to(x.dtype).index_select(
-        0, plan.sorted_expert
+    rows = _GatherRows.apply(x, plan)  # (K, D)
+    z = _ExpertBias.apply(
+        torch._grouped_mm(rows, w1.to(x.dtype), offs=offs), b1, plan.sorted_expert, plan.counts
     )
     h = F.gelu(z, approximate="tanh")  # (K, H)
-    o = torch._grouped_mm(h, w2.to(x.dtype), offs=offs) + b2.to(x.dtype).index_select(0, plan.sorted_expert)
+    o = _ExpertBias.apply(
+        torch._grouped_mm(h, w2.to(x.dtype), offs=offs), b2, plan.sorted_expert, plan.counts
+    )
     y = _apply_gate(o, plan.sorted_gate)  # (K, D)
     return combine(y, plan)
+
+
+class _ExpertBias(torch.autograd.Function):
+    """``z + bias[sorted_expert]`` for expert-major rows z (K, N), added in float32 and returned in z's dtype;
+    dbias (E, N) is the float32 sum of dz over each expert's contiguous rows (``segment_reduce`` by ``counts``)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, bias: Tensor, sorted_expert: Tensor, counts: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(counts)
+        ctx.bias_dtype = bias.dtype
+        return (z.float() + bias.float().index_select(0, sorted_expert)).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (counts,) = ctx.saved_tensors
+        dbias = torch.segment_reduce(grad.float(), "sum", lengths=counts, axis=0)  # (E, N); empty experts 0
+        return grad, dbias.to(ctx.bias_dtype), None, None

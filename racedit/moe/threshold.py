@@ -47,6 +47,15 @@ class Threshold(nn.Module):
         self.register_buffer("tau", torch.zeros((), dtype=torch.float32))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
+    def _apply(self, fn, recurse=True):
+        """``module.to(dtype)`` moves tau but keeps it float32 (``model.to(torch.bfloat16)``, a bf16 export): a bf16
+        tau would quantise the threshold and run its EMA in bf16."""
+        tau = self.tau
+        super()._apply(fn, recurse)
+        if self.tau.dtype != torch.float32:  # the float32 value, on the new device
+            self.tau = tau.to(self.tau.device)
+        return self
+
     @property
     def initialized(self) -> bool:
         return bool(self.updates.item() > 0)

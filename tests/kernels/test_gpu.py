@@ -119,3 +119,28 @@ def test_moe_layer_under_bf16_autocast_runs_the_experts_in_bf16_on_every_impl():
     for impl, out in outs.items():
         ref = outs["torch"]
         assert (out - ref).abs().max() <= BF16_RTOL_OF_MAX * ref.abs().max() + BF16_ATOL, impl
+
+
+def test_grouped_mm_float32_forward_on_gpu_runs_triton_with_a_warning():
+    """A run training with impl=grouped_mm under bf16 autocast still has float32 forwards (preview grids and
+    sampling outside autocast); torch._grouped_mm takes only bf16 on CUDA, so those run the Triton path."""
+    params, go = _expert_problem(256)
+    x, s, w1, b1, w2, b2 = (p.detach().float() for p in params)
+    plan = dispatch.race_plan(s, k_total=2 * 256, impl="triton")
+    with pytest.warns(UserWarning, match="needs bf16 on CUDA"):
+        out = dispatch.expert_ffn(x, plan, w1, b1, w2, b2, impl="grouped_mm")
+    assert out.dtype == torch.float32
+    assert torch.equal(out, dispatch.expert_ffn(x, plan, w1, b1, w2, b2, impl="triton"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_runs_on_the_tensors_device_not_the_current_one():
+    """Triton launches on the current device; dispatch makes the tensors' device current (sample.py --device
+    cuda:1 never calls set_device)."""
+    params, go = _expert_problem(256)
+    ref = _run(params, go, "triton", 2, None)
+    moved = tuple(p.detach().to("cuda:1").requires_grad_() for p in params)
+    with torch.cuda.device(0):
+        got = _run(moved, go.to("cuda:1"), "triton", 2, None)
+    for u, v in zip(got, ref):
+        assert torch.equal(u.cpu(), v.cpu())  # the same kernels on the same numbers

@@ -200,6 +200,27 @@ def test_expert_ffn_follows_autocast_in_every_impl(impl: str):
         assert err <= BF16_RTOL_OF_MAX * b.abs().max() + BF16_ATOL, f"{name}: max error {err:.3e}"
 
 
+def _graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_grouped_mm_backward_has_no_index_add():
+    """index_select's backward is index_add_, atomic on CUDA: in bf16 a bias row summing ~K/E rows rounds after
+    every add. The grouped_mm path gathers through nodes whose backward is a deterministic sum instead."""
+    x, s, w1, b1, w2, b2 = [p.detach().float().requires_grad_() for p in make_params(D=16, H=32)]
+    out = dispatch.expert_ffn(x, reference.race_plan(s, k_total=100), w1, b1, w2, b2, impl="grouped_mm")
+    nodes = _graph_nodes(out)
+    assert "IndexSelectBackward0" not in nodes and "_ExpertBiasBackward" in nodes, sorted(nodes)
+
+
 def test_grouped_mm_names_alignment_errors():
     x, s, _, b1, _, _ = [p.detach().float() for p in make_params(D=16, H=32)]
     plan = reference.race_plan(s, k_total=100)

@@ -210,6 +210,33 @@ def test_every_baseline_runs_in_the_model(router, gating):
     torch.testing.assert_close(got.view(B * L, D), want, rtol=1e-5, atol=1e-5)
 
 
+def test_router_scores_are_float32_under_bf16_autocast_so_the_race_cut_does_not_tie():
+    """Under bf16 autocast the gating head runs in float32. In bf16 the same logits tie 57 scores at the race's
+    cut here (8 significant bits over 65536 scores), broken by flat index, i.e. by position in the batch. In
+    float32 a tie at the cut needs two sums of 64 products to agree in 24 bits: expected far below one other
+    score; allow 2 (a coincidence), against dozens."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(64, 256, MoEConfig(num_experts=32, k=4), 0, 16).train()
+    h = torch.randn(4, 512, 64, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, logits = layer.router(h.view(-1, 64))
+        y = layer(h)
+    assert u.dtype == torch.bfloat16 and logits.dtype == torch.float32  # the trunk stays in bf16
+    assert y.dtype == torch.bfloat16  # the experts follow autocast
+    flat = logits.detach().reshape(-1)
+    kth = torch.topk(flat, 4 * 2048).values.min()
+    assert int((flat == kth).sum()) <= 3
+
+
+def test_threshold_stays_float32_when_the_model_is_cast():
+    layer = MoEFeedForward(16, 64, MoEConfig(num_experts=4, k=2), 0, 4)
+    layer.threshold.update(torch.tensor(0.123456789))
+    tau = layer.threshold.tau.clone()
+    layer = layer.to(torch.bfloat16)
+    assert layer.w1.dtype == torch.bfloat16 and layer.threshold.tau.dtype == torch.float32
+    assert torch.equal(layer.threshold.tau, tau) and layer.threshold.updates.dtype == torch.long
+
+
 def test_threshold_is_persistent_state():
     model = tiny_model()
     x, t, y = batch()
