@@ -60,8 +60,9 @@ class Router(nn.Module):
         Under autocast the gating head runs in float32 (the trunk stays in the autocast dtype), the "selective
         precision" of Switch Transformer's router. bf16 logits keep 8 significant bits, and the expert race's one
         cut over all T*E scores then ties hundreds of them (226 at T = 8192, E = 32, k = 4, D = 1152: a freshly
-        initialised layer on random inputs, measured on CPU; 1 in float32), cut by flat index, i.e. by position in the batch: the first samples would win.
-        The head is D x E multiply-adds per token, ~0.2% of a DiT-XL/2 block's."""
+        initialised layer on random inputs, measured on CPU; 1 in float32), cut by flat index, i.e. by position
+        in the batch: the first samples would win. The head is D x E multiply-adds per token, ~0.2% of a
+        DiT-XL/2 block's."""
         u = self.act(self.trunk(x))
         device = u.device.type
         if torch.is_autocast_enabled(device):
