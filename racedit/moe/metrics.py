@@ -8,7 +8,9 @@
   [0, num_timesteps); the paper's Fig. 6), tau per layer.
 
 ``RoutingStats`` accumulates the ``RoutingRecord``s of ``ForwardAux`` over many forwards (training steps or
-sampling) and returns a flat dict of scalars plus the heatmap; everything it keeps is a small CPU tensor.
+sampling) and returns a flat dict of scalars plus the heatmap. Its accumulators are small float64 tensors on the
+records' device: ``update`` runs after every training micro-batch, and copying each layer's counts to the host
+there would stop a GPU's queue once per layer; ``compute`` and ``heatmap`` copy them once per logging interval.
 """
 
 from __future__ import annotations
@@ -77,31 +79,36 @@ class RoutingStats:
         self.pairs: dict[int, Tensor] = {}  # layer -> (E, E) float64 co-selection
         self.expert_sum: dict[int, Tensor] = {}  # layer -> (buckets,) sum of experts-per-token over samples
         self.sample_count: dict[int, Tensor] = {}  # layer -> (buckets,) samples
-        self.tau: dict[int, float] = {}
+        self.tau: dict[int, Tensor] = {}  # layer -> float32 scalar, the latest threshold
 
     @torch.no_grad()
     def update(self, aux: ForwardAux) -> None:
+        """Add one forward's records, on their device (no host synchronisation)."""
         for r in aux.layers:
             layer = r.layer
             mask = r.mask.detach()  # (B, L, E)
             B, L, E = mask.shape
-            Mf = mask.reshape(B * L, E).double()
+            dev = mask.device
+            # one forward's counts are integers below 2^24 (tokens of one micro-batch): exact in float32
+            Mf = mask.reshape(B * L, E).float()
             if layer not in self.counts:
-                self.counts[layer] = torch.zeros(E, dtype=torch.float64)
-                self.pairs[layer] = torch.zeros(E, E, dtype=torch.float64)
-                self.expert_sum[layer] = torch.zeros(self.num_buckets, dtype=torch.float64)
-                self.sample_count[layer] = torch.zeros(self.num_buckets, dtype=torch.float64)
-            self.counts[layer] += Mf.sum(0).cpu()
-            self.pairs[layer] += (Mf.T @ Mf).cpu()
-            per_sample = r.experts_per_sample.detach().double().cpu()  # (B,)
+                self.counts[layer] = torch.zeros(E, dtype=torch.float64, device=dev)
+                self.pairs[layer] = torch.zeros(E, E, dtype=torch.float64, device=dev)
+                self.expert_sum[layer] = torch.zeros(self.num_buckets, dtype=torch.float64, device=dev)
+                self.sample_count[layer] = torch.zeros(self.num_buckets, dtype=torch.float64, device=dev)
+            self.counts[layer] += Mf.sum(0)
+            self.pairs[layer] += Mf.T @ Mf
             if aux.t is not None:
-                buckets = timestep_buckets(aux.t.cpu(), self.num_timesteps, self.num_buckets)
+                buckets = timestep_buckets(aux.t.to(dev), self.num_timesteps, self.num_buckets)
             else:
-                buckets = torch.zeros(B, dtype=torch.long)
-            self.expert_sum[layer].index_add_(0, buckets, per_sample)
-            self.sample_count[layer].index_add_(0, buckets, torch.ones(B, dtype=torch.float64))
+                buckets = torch.zeros(B, dtype=torch.long, device=dev)
+            # per bucket as a product with the one-hot buckets (B, buckets): a fixed order of additions, where a
+            # CUDA index_add_ would add atomically
+            onehot = (buckets[:, None] == torch.arange(self.num_buckets, device=dev)).double()  # (B, buckets)
+            self.expert_sum[layer] += r.experts_per_sample.detach().double() @ onehot
+            self.sample_count[layer] += onehot.sum(0)
             if r.tau is not None:
-                self.tau[layer] = float(r.tau)
+                self.tau[layer] = r.tau.detach().float()
 
     @property
     def layers(self) -> list[int]:
@@ -111,8 +118,8 @@ class RoutingStats:
         """(num_layers, num_buckets) mean experts per token; NaN where a bucket saw no sample."""
         rows = []
         for layer in self.layers:
-            n = self.sample_count[layer]
-            rows.append(torch.where(n > 0, self.expert_sum[layer] / n.clamp_min(1), float("nan")).numpy())
+            n, total = self.sample_count[layer].cpu(), self.expert_sum[layer].cpu()
+            rows.append(torch.where(n > 0, total / n.clamp_min(1), float("nan")).numpy())
         return np.stack(rows) if rows else np.zeros((0, self.num_buckets))
 
     def compute(self) -> dict[str, float]:
@@ -120,14 +127,14 @@ class RoutingStats:
         out: dict[str, float] = {}
         per_metric: dict[str, list[float]] = {"maxvio": [], "comb95": [], "experts_per_token": [], "tau": []}
         for layer in self.layers:
-            n = self.sample_count[layer].sum()
+            n = self.sample_count[layer].sum().cpu()
             values = {
-                "maxvio": max_violation(self.counts[layer]),
-                "comb95": combination_usage(self.pairs[layer]),
-                "experts_per_token": float(self.expert_sum[layer].sum() / n) if n > 0 else float("nan"),
+                "maxvio": max_violation(self.counts[layer].cpu()),
+                "comb95": combination_usage(self.pairs[layer].cpu()),
+                "experts_per_token": float(self.expert_sum[layer].sum().cpu() / n) if n > 0 else float("nan"),
             }
             if layer in self.tau:
-                values["tau"] = self.tau[layer]
+                values["tau"] = float(self.tau[layer])
             for name, v in values.items():
                 out[f"moe/{name}/layer{layer}"] = v
                 per_metric[name].append(v)
@@ -135,8 +142,8 @@ class RoutingStats:
             if vs:
                 out[f"moe/{name}"] = float(np.mean(vs))
         if self.layers:  # per timestep bucket, averaged over layers (every layer sees the same samples)
-            total = sum(self.expert_sum.values())
-            n = sum(self.sample_count.values())
+            total = sum(v.cpu() for v in self.expert_sum.values())
+            n = sum(v.cpu() for v in self.sample_count.values())
             for b in range(self.num_buckets):
                 if n[b] > 0:
                     out[f"moe/experts_per_token/t{b}"] = float(total[b] / n[b])

@@ -46,15 +46,17 @@ class EMA:
             ema_f.append(local(p))
             live_f.append(local(live_params[name]).float())  # no_grad: nothing to detach from
         live_buffers = dict(model.named_buffers())
-        unset = {  # modules whose threshold the EMA model has not received yet
-            name.removesuffix("updates")
+        unset = {  # threshold module -> whether the EMA model has not received its threshold yet (on device)
+            name.removesuffix("updates"): b == 0
             for name, b in self.model.named_buffers()
-            if name.endswith("threshold.updates") and int(b) == 0
+            if name.endswith("threshold.updates")
         }
         for name, b in self.model.named_buffers():
             src = live_buffers[name].detach()
-            if b.is_floating_point() and name.removesuffix("tau") in unset:
-                b.copy_(src)
+            module = name.removesuffix("tau")
+            if b.is_floating_point() and name.endswith("tau") and module in unset:
+                # the live value where unset, else the EMA; chosen on the device (no host sync per layer)
+                b.copy_(torch.where(unset[module], src.float(), torch.lerp(b, src.float(), 1.0 - decay)))
             elif b.is_floating_point():
                 ema_f.append(b)
                 live_f.append(src.float())
