@@ -265,6 +265,7 @@ def test_official_dit_weights_initialise_a_connection_dit(
         assert torch.equal(plain(x, t, y), expected)
         got = model(x, t, y)
     if variant.startswith("mHC"):
+        # sigmoid(logit(p)) rounds ~1e-7 relative per sublayer (racedit/connections/manifold.py)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     else:
         assert torch.equal(got, expected)
@@ -322,6 +323,8 @@ def test_race_dit_blocks_shapes_gradients_and_equality(suffix: str) -> None:
     out = model(x, t, y, aux)
     assert out.shape == (2, 8, 8, 8)
     assert len(aux.layers) == len(aux_base.layers) == RACE_KW["depth"]  # every block routed through MoE
+    # mHC equals the residual only to float32 rounding (~1e-7 relative per sublayer); near a router score tie
+    # that could move one token to another expert, so the margin is wider than the dense test's 1e-5
     tol = dict(rtol=1e-4, atol=1e-4) if suffix.startswith("mHC") else dict(rtol=0, atol=0)
     torch.testing.assert_close(out, out_base, **tol)  # same routing, same output at init
     out.square().mean().backward()
