@@ -133,14 +133,19 @@ def _average_gradient(param: Tensor) -> None:
 
 def autocast_forward(model: nn.Module, mixed_precision: str, device: torch.device) -> None:
     """bf16 autocast around the forward (what ``accelerator.prepare`` does for a DDP model); fp16 is refused
-    by ``check_config`` (FSDP2 would need a sharded gradient scaler)."""
+    by ``check_config`` (FSDP2 would need a sharded gradient scaler).
+
+    Without autocast's cast cache: the cache keeps the bf16 copy of every weight it cast until the forward ends.
+    A DiT uses each weight once per forward, so the cache saves no cast; but with gradient checkpointing,
+    where autograd saves nothing inside a block, it alone would keep a bf16 copy of every gathered full weight,
+    2 B per parameter of the whole model on every process (docs/recipes.md, "State memory per GPU")."""
     if mixed_precision != "bf16":
         return
     forward = model.forward
 
     @functools.wraps(forward)
     def autocast_forward(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
             return forward(*args, **kwargs)
 
     model.forward = autocast_forward  # type: ignore[method-assign]
