@@ -89,7 +89,8 @@ class RoutingStats:
             mask = r.mask.detach()  # (B, L, E)
             B, L, E = mask.shape
             dev = mask.device
-            # one forward's counts are integers below 2^24 (tokens of one micro-batch): exact in float32
+            # one forward's counts are integers below 2^24 (tokens of one micro-batch): exact in float32, and
+            # in TF32 products too (the trainer enables it on CUDA), whose inputs here are 0 or 1
             Mf = mask.reshape(B * L, E).float()
             if layer not in self.counts:
                 self.counts[layer] = torch.zeros(E, dtype=torch.float64, device=dev)

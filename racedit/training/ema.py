@@ -56,7 +56,8 @@ class EMA:
             module = name.removesuffix("tau")
             if b.is_floating_point() and name.endswith("tau") and module in unset:
                 # the live value where unset, else the EMA; chosen on the device (no host sync per layer)
-                b.copy_(torch.where(unset[module], src.float(), torch.lerp(b, src.float(), 1.0 - decay)))
+                live = src.float()
+                b.copy_(torch.where(unset[module], live, torch.lerp(b, live, 1.0 - decay)))
             elif b.is_floating_point():
                 ema_f.append(b)
                 live_f.append(src.float())

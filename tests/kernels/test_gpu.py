@@ -124,7 +124,7 @@ def test_moe_layer_under_bf16_autocast_runs_the_experts_in_bf16_on_every_impl():
 def test_grouped_mm_float32_forward_on_gpu_runs_triton_with_a_warning():
     """A run training with impl=grouped_mm under bf16 autocast still has float32 forwards (preview grids and
     sampling outside autocast); torch._grouped_mm takes only bf16 on CUDA, so those run the Triton path."""
-    params, go = _expert_problem(256)
+    params, _ = _expert_problem(256)
     x, s, w1, b1, w2, b2 = (p.detach().float() for p in params)
     plan = dispatch.race_plan(s, k_total=2 * 256, impl="triton")
     with pytest.warns(UserWarning, match="needs bf16 on CUDA"):
